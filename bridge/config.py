@@ -1,0 +1,146 @@
+"""Daemon settings: what is fixed while a daemon runs (ports, names, devices, output format).
+
+Settings and playable parameters share one namespace: a config file (TOML) or the command line may
+give either, and the parameter values become the initial state. `Settings` is the single source of
+the settings' names, defaults and docs; configs/default.toml restates them for people, and a test
+keeps the two equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import params
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or flag the daemon cannot use; the message says which and why."""
+
+
+def _setting(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = _setting("tiny", "Model: `tiny` (built-in test model) or the path of a diffusers model folder.")
+    instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
+    host: str = _setting("127.0.0.1", "Address the OSC server binds to. Keep 127.0.0.1 unless the network is trusted.")
+    osc_port: int = _setting(9100, "UDP port for OSC control (0 picks a free port).")
+    telemetry_host: str = _setting("127.0.0.1", "Where OSC telemetry (/sdbridge/...) is sent.")
+    telemetry_port: int = _setting(9101, "UDP port telemetry is sent to.")
+    telemetry_interval: float = _setting(0.5, "Seconds between telemetry updates.")
+    http_port: int = _setting(9102, "HTTP/WebSocket port (reserved: the WebSocket server is not built yet).")
+    oscquery_port: int = _setting(9103, "OSCQuery port (reserved: OSCQuery is not built yet).")
+    max_width: int = _setting(1024, "Largest frame width the rings hold.")
+    max_height: int = _setting(1024, "Largest frame height the rings hold.")
+    slot_count: int = _setting(3, "Slots per ring (at least 2).")
+    output_dtype: str = _setting("uint8", "Output pixel type.", ("uint8", "uint16", "float16", "float32"))
+    output_channels: int = _setting(4, "Output channels: 1, 3 or 4 (RGBA, alpha 1).")
+    output_order: str = _setting("rgb", "Output channel order.", ("rgb", "bgr"))
+    output_origin: str = _setting("top-left", "Output row order; bottom-left is TouchDesigner's.",
+                                  ("top-left", "bottom-left"))
+    device: str = _setting("auto", "Torch device: auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = _setting("auto", "Compute precision: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32.",
+                          ("auto", "float16", "bfloat16", "float32"))
+    prompt_cache_size: int = _setting(64, "Prompt embeddings kept for instant recall.")
+    log_level: str = _setting("info", "Log level.", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r}: expected one of {', '.join(choices)}")
+        if self.output_channels not in (1, 3, 4):
+            raise ConfigError(f"output_channels = {self.output_channels}: expected 1, 3 or 4")
+        if self.slot_count < 2:
+            raise ConfigError("slot_count must be at least 2")
+        for name in ("max_width", "max_height"):
+            if getattr(self, name) < 64:
+                raise ConfigError(f"{name} must be at least 64")
+
+
+SETTING_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def split(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate settings from initial parameter values; unknown keys are an error."""
+    settings, initial = {}, {}
+    for key, value in values.items():
+        if key in SETTING_FIELDS:
+            expected = type(SETTING_FIELDS[key].default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(f"{key} = {value!r}: expected {expected.__name__}")
+            settings[key] = value
+        elif key in params.BY_NAME:
+            try:
+                initial[key] = params.BY_NAME[key].coerce(value)
+            except params.ParamError as e:
+                raise ConfigError(str(e)) from None
+        else:
+            raise ConfigError(f"unknown setting {key!r}")
+    return settings, initial
+
+
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> tuple[Settings, dict[str, Any]]:
+    """Settings and initial parameters from an optional TOML file, then `overrides` (the command line)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    values.update(overrides or {})
+    settings, initial = split(values)
+    return Settings(**settings), initial
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def render_default_toml() -> str:
+    """configs/default.toml, generated from the declarations so that it cannot drift from them."""
+    lines = [
+        "# sdbridge settings and initial parameters, with their defaults.",
+        "# Use: sdbridge serve --config FILE. Any key may be left out; command-line flags override the file.",
+        "# Generated from bridge/config.py and bridge/params.py: python -m bridge.config > configs/default.toml",
+        "",
+        "# ---- settings: fixed while the daemon runs",
+    ]
+    for f in dataclasses.fields(Settings):
+        choices = f.metadata.get("choices")
+        doc = f.metadata["doc"] + (f" One of: {', '.join(choices)}." if choices else "")
+        lines += [f"# {doc}", f"{f.name} = {_toml_value(f.default)}", ""]
+    lines.append("# ---- parameters: initial values; play them live over OSC as /<name>")
+    for p in params.PARAMS:
+        extra = []
+        if p.ranged:
+            extra.append(f"Range {p.minimum} to {p.maximum}.")
+        if p.choices:
+            extra.append(f"One of: {', '.join(p.choices)}.")
+        lines += [f"# {' '.join([p.doc, *extra])}", f"{p.name} = {_toml_value(p.default)}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_default_toml(), end="")

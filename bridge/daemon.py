@@ -1,0 +1,181 @@
+"""One running sdbridge instance: rings, state, OSC, telemetry and the render thread, started and
+stopped together.
+
+`Daemon` is what `sdbridge serve` runs in the foreground and `sdbridge demo` runs in-process. It wires
+the parts and owns their lifetimes; the parts themselves know nothing of each other.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Mapping
+
+from engines import registry
+from engines.stream import Stream
+
+from . import osc, params, shm
+from .config import Settings
+from .loop import RenderLoop, output_format
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+ERROR_BURST = 20  # error reports sent at once at most, then ERROR_RATE per second
+ERROR_RATE = 20.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, initial: Mapping[str, Any] | None = None):
+        self.settings = settings
+        self.output = output_format(settings.output_dtype, settings.output_channels, settings.output_order,
+                                    settings.output_origin)
+        self.model_name = registry.resolve(settings.model)  # fail fast, before anything is created
+        self.device = registry.pick_device(settings.device)
+        self.dtype = registry.pick_dtype(settings.dtype, self.device)
+        self.store = StateStore(initial, check=self._check_output_fits)
+        self.name_in, self.name_out = shm.segment_names(settings.instance)
+        self.ring_in: shm.Ring | None = None
+        self.ring_out: shm.Ring | None = None
+        self.loop: RenderLoop | None = None
+        self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
+        self.osc_port = settings.osc_port
+        self.errors = 0
+        self._error_tokens = float(ERROR_BURST)
+        self._error_refill = time.monotonic()
+        self._error_lock = threading.Lock()
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._aio_thread: threading.Thread | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._telemetry_loop: asyncio.Task | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Create the rings, open the OSC port and start loading the model; returns at once."""
+        s = self.settings
+        in_capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
+        out_capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
+        self.ring_in = shm.Ring.create(self.name_in, in_capacity, s.slot_count)
+        self.ring_out = shm.Ring.create(self.name_out, out_capacity, s.slot_count)
+        self.loop = RenderLoop(load_stream=self._load_stream, store=self.store, ring_in=self.ring_in,
+                               ring_out=self.ring_out, output=self.output, report_error=self.report_error)
+        self._aio = asyncio.new_event_loop()
+        self._aio_thread = threading.Thread(target=self._aio.run_forever, name="sdbridge-io", daemon=True)
+        self._aio_thread.start()
+        try:
+            self._transport = asyncio.run_coroutine_threadsafe(self._start_io(), self._aio).result(10)
+        except Exception:
+            self.stop()
+            raise
+        self.osc_port = self._transport.get_extra_info("sockname")[1]
+        self.loop.start()
+        log.info("OSC control on udp://%s:%d; telemetry to udp://%s:%d", s.host, self.osc_port,
+                 s.telemetry_host, s.telemetry_port)
+        log.info("shared memory: input %s, output %s (%d slots, up to %dx%d)", self.name_in, self.name_out,
+                 s.slot_count, s.max_width, s.max_height)
+
+    async def _start_io(self) -> asyncio.DatagramTransport:
+        server = osc.OscServer(apply=self.store.apply, on_error=self.report_error)
+        transport = await osc.serve(self.settings.host, self.settings.osc_port, server)
+        self._telemetry_loop = asyncio.get_running_loop().create_task(self._telemetry_task())
+        return transport
+
+    async def _stop_io(self) -> None:
+        if self._telemetry_loop is not None:
+            self._telemetry_loop.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (or failed to load); True if it is serving."""
+        assert self.loop is not None, "start() first"
+        return self.loop.ready.wait(timeout) and self.loop.stream is not None
+
+    def stop(self) -> None:
+        """Stop rendering and listening, and remove the shared-memory segments. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.loop is not None:
+            self.loop.stop()
+        if self._aio is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._stop_io(), self._aio).result(5)
+            except Exception as e:  # shutting down regardless
+                log.debug("I/O shutdown: %s", e)
+            self._aio.call_soon_threadsafe(self._aio.stop)
+            if self._aio_thread is not None:
+                self._aio_thread.join(5)
+            self._aio.close()
+        for ring in (self.ring_in, self.ring_out):
+            if ring is not None:
+                ring.close()
+                ring.unlink()
+        self.telemetry.close()
+        log.info("stopped; removed %s and %s", self.name_in, self.name_out)
+
+    def __enter__(self) -> "Daemon":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ parts
+    def _load_stream(self) -> Stream:
+        started = time.monotonic()
+        log.info("loading model %s on %s (%s)", self.model_name, self.device, str(self.dtype).replace("torch.", ""))
+        model = registry.load(self.model_name, self.device, self.dtype)
+        if model.test_model:
+            log.warning("model %r is a test model with toy weights: its images mean nothing. "
+                        "Use --model PATH for pictures.", model.name)
+        stream = Stream(model, self.device, self.dtype, self.settings.prompt_cache_size)
+        log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
+        return stream
+
+    def _check_output_fits(self, values: Mapping[str, Any]) -> None:
+        needed = values["width"] * values["height"] * self.output.channels * self.output.dtype.itemsize
+        capacity = shm.slot_capacity_for(self.settings.max_width, self.settings.max_height, 4, 4)
+        if needed > capacity:
+            raise params.ParamError(
+                f"resolution {values['width']}x{values['height']} does not fit the output ring "
+                f"(max_width x max_height = {self.settings.max_width}x{self.settings.max_height}); "
+                "restart with larger --max-width/--max-height")
+
+    def report_error(self, message: str) -> None:
+        """Count, log and send an error on /sdbridge/error (sending is rate-limited, counting is not)."""
+        with self._error_lock:
+            self.errors += 1
+            now = time.monotonic()
+            self._error_tokens = min(ERROR_BURST, self._error_tokens + (now - self._error_refill) * ERROR_RATE)
+            self._error_refill = now
+            send = self._error_tokens >= 1
+            if send:
+                self._error_tokens -= 1
+        log.warning("%s", message)
+        if send:
+            self.telemetry.send("error", message)
+
+    async def _telemetry_task(self) -> None:
+        while True:
+            self.send_telemetry()
+            await asyncio.sleep(self.settings.telemetry_interval)
+
+    @property
+    def status(self) -> str:
+        return self.loop.stats.status if self.loop else "loading"
+
+    def send_telemetry(self) -> None:
+        """Send every telemetry value of PROTOCOL.md section 2 once."""
+        t = self.telemetry
+        t.send("status", self.status)
+        t.send("state_version", self.store.version)
+        t.send("model", self.loop.stream.model.name if self.loop and self.loop.stream else self.model_name)
+        if self.loop is not None:
+            stats = self.loop.stats
+            t.send("fps", float(stats.fps))
+            t.send("latency_ms", float(stats.latency_ms))
+            t.send("frame", int(stats.frames))
+

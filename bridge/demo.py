@@ -1,0 +1,151 @@
+"""`sdbridge demo`: the whole product in one command, with no TouchDesigner and no weights.
+
+It starts a daemon in-process, plays the part of a client exactly as TouchDesigner would (frames into
+the input ring, outputs read from the output ring, prompt and seed changes as real OSC packets over
+UDP), writes a PNG contact sheet of inputs and outputs, and prints one summary line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pythonosc.udp_client import SimpleUDPClient
+
+from . import shm
+from .config import Settings
+from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+# (fraction of the run, OSC address, value): the live changes the demo plays.
+SCRIPT = (
+    (0.0, "/prompt", "a glowing jellyfish in deep blue water"),
+    (0.0, "/seed", 3),
+    (0.35, "/prompt", "a field of sunflowers under a stormy sky"),
+    (0.35, "/seed", 42),
+    (0.7, "/strength", 0.8),
+    (0.7, "/seed", 7),
+)
+SHEET_COLUMNS = 6
+THUMB = 160
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    frames: int
+    seconds: float
+    fps: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    sheet: Path
+
+    def summary(self) -> str:
+        return (f"demo: {self.frames} frames in {self.seconds:.1f} s, {self.fps:.1f} fps, latency p50 "
+                f"{self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms (source_ns to written_ns); "
+                f"contact sheet {self.sheet}")
+
+
+def pattern_frame(t: float, width: int = 512, height: int = 512) -> np.ndarray:
+    """A moving RGBA uint8 test pattern: a camera stand-in with motion, edges and colour."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx = width * (0.5 + 0.3 * np.cos(t * 1.3))
+    cy = height * (0.5 + 0.3 * np.sin(t * 0.9))
+    disc = (x - cx) ** 2 + (y - cy) ** 2 < (min(width, height) * 0.18) ** 2
+    checker = ((x // 64 + y // 64 + int(t * 2)) % 2) == 0
+    rgb = np.stack([(x / width * 255 + t * 40) % 256, y / height * 255, np.where(checker, 40.0, 200.0)], -1)
+    rgb[disc] = (250, 240, 60)
+    alpha = np.full((height, width, 1), 255, np.float32)
+    return np.concatenate([rgb, alpha], -1).astype(np.uint8)
+
+
+def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: float = 12.0,
+        out_dir: str | Path = ".", input_fps: float = 30.0) -> DemoResult:
+    """Run the demo against a fresh in-process daemon and return its figures."""
+    settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Daemon(settings, initial) as daemon:
+        if not daemon.wait_ready(timeout=300):
+            raise RuntimeError("the model did not load; see the log above")
+        ring_in, ring_out = shm.Ring.attach(daemon.name_in), shm.Ring.attach(daemon.name_out)
+        osc_client = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+        try:
+            return _play(ring_in, ring_out, osc_client, seconds, out_dir, input_fps)
+        finally:
+            ring_in.close()
+            ring_out.close()
+
+
+def _play(ring_in: shm.Ring, ring_out: shm.Ring, osc_client: SimpleUDPClient, seconds: float, out_dir: Path,
+          input_fps: float) -> DemoResult:
+    sent: dict[int, np.ndarray] = {}  # frame_id -> input, kept only for the frames the sheet may show
+    latencies: list[float] = []
+    sheet: list[tuple[np.ndarray, np.ndarray]] = []
+    script = list(SCRIPT)
+    frame_id, last_seq, first_out, last_out = 0, ring_out.write_seq, None, None
+    start = time.monotonic()
+    next_frame = start
+    next_sample = start
+    while (now := time.monotonic()) - start < seconds:
+        while script and now - start >= script[0][0] * seconds:
+            _, address, value = script.pop(0)
+            osc_client.send_message(address, value)
+        if now >= next_frame:
+            frame_id += 1
+            pixels = pattern_frame(now - start)
+            ring_in.write(pixels, frame_id=frame_id)
+            sent[frame_id] = pixels
+            sent.pop(frame_id - 120, None)
+            next_frame += 1.0 / input_fps
+        out = ring_out.read_latest(after_seq=last_seq)
+        if out is not None:
+            last_seq = out.seq
+            latencies.append((out.written_ns - out.source_ns) / 1e6)
+            first_out = first_out or now
+            last_out = now
+            if now >= next_sample and out.frame_id in sent:
+                sheet.append((sent[out.frame_id], _top_left_rgb(out)))
+                next_sample = now + seconds / (2 * SHEET_COLUMNS)
+        time.sleep(0.002)
+    elapsed = time.monotonic() - start
+    frames = len(latencies)
+    fps = (frames - 1) / (last_out - first_out) if frames > 1 and last_out > first_out else 0.0
+    path = out_dir / "sdbridge-demo.png"
+    contact_sheet(sheet[-2 * SHEET_COLUMNS:] if len(sheet) > 2 * SHEET_COLUMNS else sheet).save(path)
+    p50, p95 = (float(np.percentile(latencies, q)) for q in (50, 95)) if latencies else (0.0, 0.0)
+    return DemoResult(frames, elapsed, fps, p50, p95, path)
+
+
+def contact_sheet(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Image.Image:
+    """Rows of input-over-output thumbnails, SHEET_COLUMNS pairs per row."""
+    rows = max(1, -(-len(pairs) // SHEET_COLUMNS))
+    label = 16
+    sheet = Image.new("RGB", (SHEET_COLUMNS * THUMB, rows * (2 * THUMB + label)), (20, 20, 20))
+    draw = ImageDraw.Draw(sheet)
+    for i, (inp, out) in enumerate(pairs):
+        x, y = (i % SHEET_COLUMNS) * THUMB, (i // SHEET_COLUMNS) * (2 * THUMB + label)
+        draw.text((x + 4, y + 2), f"in / out {i + 1}", fill=(200, 200, 200))
+        sheet.paste(_thumb(inp), (x, y + label))
+        sheet.paste(_thumb(out), (x, y + label + THUMB))
+    return sheet
+
+
+def _top_left_rgb(frame: shm.Frame) -> np.ndarray:
+    pixels = frame.pixels[::-1] if frame.bottom_left else frame.pixels
+    if frame.bgr and frame.channels >= 3:
+        pixels = pixels[:, :, [2, 1, 0]]
+    return pixels
+
+
+def _thumb(pixels: np.ndarray) -> Image.Image:
+    rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels, 3, axis=2)
+    if rgb.dtype != np.uint8:
+        scale = 65535.0 if rgb.dtype == np.uint16 else 1.0
+        rgb = (rgb.astype(np.float32) / scale * 255).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(rgb)).resize((THUMB, THUMB))

@@ -1,0 +1,198 @@
+"""The render thread: newest input frame + one state snapshot -> engine -> output ring.
+
+Latest frame wins: the loop always takes the newest input and drops older ones, so latency never
+queues up. It renders when a new input frame arrives, when the state changed (the last input is
+rendered again with the new state), and every frame in txt2img with seed -1. Nothing that goes wrong
+inside a frame stops the loop: the error is reported and the stream carries on with the next frame.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engines.frames import OutputFormat, to_client_pixels, to_model_image
+from engines.stream import TXT2IMG, Stream, StreamSettings
+
+from . import shm
+from .state import Snapshot, StateStore
+
+log = logging.getLogger(__name__)
+
+LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
+_STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings))
+_HEARTBEAT_S = 0.5
+_ERROR_BACKOFF_S = 0.05
+
+
+def stream_settings(snapshot: Snapshot) -> StreamSettings:
+    """The engine's view of a parameter snapshot (the names are the same by design)."""
+    return StreamSettings(**{name: snapshot[name] for name in _STREAM_FIELDS})
+
+
+class Stats:
+    """Frame counters and rates, written by the render thread and read by telemetry."""
+
+    def __init__(self, window_s: float = 1.0):
+        self.window_s = window_s
+        self.frames = 0
+        self.skipped = 0
+        self.latency_ms = 0.0
+        self.status = LOADING
+        self._written: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def record(self, latency_ns: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.frames += 1
+            self.latency_ms = latency_ns / 1e6
+            self._written.append(now)
+            self._trim(now)
+
+    @property
+    def fps(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            return len(self._written) / self.window_s
+
+    def _trim(self, now: float) -> None:
+        while self._written and now - self._written[0] > self.window_s:
+            self._written.popleft()
+
+
+class RenderLoop:
+    """Owns the render thread. `load_stream` runs on that thread, so slow loading never blocks I/O."""
+
+    def __init__(self, *, load_stream: Callable[[], Stream], store: StateStore, ring_in: shm.Ring,
+                 ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
+                 poll_interval: float = 0.001):
+        self._load_stream = load_stream
+        self.store = store
+        self.ring_in = ring_in
+        self.ring_out = ring_out
+        self.output = output
+        self.output_flags = (shm.FLAG_BGR if output.bgr else 0) | (shm.FLAG_BOTTOM_LEFT if output.bottom_left else 0)
+        self.report_error = report_error
+        self.poll_interval = poll_interval
+        self.stats = Stats()
+        self.ready = threading.Event()  # set once the model is loaded (or failed to)
+        self.stream: Stream | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdbridge-render", daemon=True)
+        # what the last output was made of
+        self._last_input: shm.Frame | None = None
+        self._last_input_seq = 0
+        self._rendered_version = 0
+        self._rendered_image: torch.Tensor | None = None
+        self._heartbeat_at = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("render thread did not stop within %.0f s", timeout)
+
+    # ------------------------------------------------------------------ thread
+    def _run(self) -> None:
+        try:
+            self.stream = self._load_stream()
+        except Exception as e:  # the daemon stays up and says why; a later model switch may succeed
+            self.stats.status = ERROR
+            self.report_error(f"model failed to load: {e}")
+            log.exception("model failed to load")
+            self.ready.set()
+            return
+        self.stats.status = READY
+        self.ready.set()
+        while not self._stop.is_set():
+            try:
+                if not self._step():
+                    self._idle()
+            except Exception as e:  # a bad frame or a failed render must never end the stream
+                log.exception("frame failed")
+                self.report_error(f"frame failed: {type(e).__name__}: {e}")
+                self._stop.wait(_ERROR_BACKOFF_S)
+
+    def _idle(self) -> None:
+        now = time.monotonic()
+        if now - self._heartbeat_at > _HEARTBEAT_S:
+            self.ring_out.heartbeat()
+            self._heartbeat_at = now
+        self.store.wait_for_change(self.store.version, self.poll_interval)
+
+    def _step(self) -> bool:
+        """Render one frame if there is something new to render; False when idle."""
+        snap = self.store.snapshot()
+        if snap["pause"]:
+            self.stats.status = PAUSED
+            self._take_input()  # keep draining so that resuming starts from the newest frame
+            return False
+        self.stats.status = READY
+        new_input = self._take_input()
+        txt2img = snap["mode"] == TXT2IMG
+        state_changed = snap.version != self._rendered_version
+        if txt2img:
+            if not (state_changed or snap["seed"] < 0):
+                return False
+        elif self._last_input is None or not (new_input or state_changed):
+            return False
+
+        stream = self.stream
+        settings = stream_settings(snap)
+        if settings != stream.settings:
+            stream.prepare(settings)
+        frame = None if txt2img else self._last_input
+        image = None
+        if frame is not None:
+            image = to_model_image(frame.pixels, bgr=frame.bgr, bottom_left=frame.bottom_left,
+                                   width=settings.width, height=settings.height,
+                                   device=stream.device, dtype=stream.dtype)
+            if not state_changed and self._similar(image, snap["similarity_threshold"]):
+                self.stats.skipped += 1
+                return True
+        started_ns = time.monotonic_ns()
+        result = stream.render(image)
+        pixels = to_client_pixels(result, self.output)
+        source_ns = frame.source_ns if frame is not None else started_ns
+        self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
+                            source_ns=source_ns, state_version=snap.version)
+        self.stats.record(time.monotonic_ns() - source_ns)
+        self._rendered_version = snap.version
+        self._rendered_image = image
+        return True
+
+    def _take_input(self) -> bool:
+        """Move the newest input frame, if any is new, into `_last_input`; True if one was taken."""
+        try:
+            frame = self.ring_in.read_latest(after_seq=self._last_input_seq)
+        except shm.RingError as e:
+            self._last_input_seq = self.ring_in.write_seq  # skip the bad frame, do not report it again
+            self.report_error(f"input frame refused: {e}")
+            return False
+        if frame is None:
+            return False
+        self._last_input = frame
+        self._last_input_seq = frame.seq
+        return True
+
+    def _similar(self, image: torch.Tensor, threshold: float) -> bool:
+        previous = self._rendered_image
+        if threshold <= 0 or previous is None or previous.shape != image.shape:
+            return False
+        # images are in [-1, 1]: half the mean absolute difference is the fraction of full scale
+        return float((image - previous).abs().mean()) / 2 < threshold
+
+
+def output_format(dtype: str, channels: int, order: str, origin: str) -> OutputFormat:
+    return OutputFormat(dtype=np.dtype(dtype), channels=channels, bgr=order == "bgr", bottom_left=origin == "bottom-left")

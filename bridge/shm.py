@@ -1,0 +1,326 @@
+"""Frame rings in shared memory: PROTOCOL.md section 1, and nothing else.
+
+A ring is one named shared-memory segment: a 64-byte segment header, then `slot_count` slots of a
+64-byte slot header plus `slot_capacity` bytes of pixels. One writer publishes frames with a seqlock;
+any number of readers take the newest complete frame and detect torn copies.
+
+This module is pure protocol code. It imports only the standard library and numpy, because
+TouchDesigner's Python embeds it as it is (see touchdesigner/); it knows nothing of the daemon.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+MAGIC = b"SDBR"
+VERSION = 1
+HEADER_SIZE = 64
+SLOT_HEADER_SIZE = 64
+DEFAULT_SLOT_COUNT = 3
+MAX_NAME_LENGTH = 30  # macOS limits POSIX shared-memory names
+
+# magic, version, header_size, slot_count, slot_header_size, slot_capacity, write_seq, latest_slot,
+# writer_pid, heartbeat_ns, reserved
+SEGMENT_HEADER = struct.Struct("<4sHHIIQQIIQ16s")
+# seq, width, height, channels, dtype, flags, frame_id, source_ns, written_ns, state_version, seq_end
+SLOT_HEADER = struct.Struct("<QIIHHIQQQQQ")
+assert SEGMENT_HEADER.size == HEADER_SIZE and SLOT_HEADER.size == SLOT_HEADER_SIZE
+
+# Byte offsets of the header fields that change after creation.
+_WRITE_SEQ, _LATEST_SLOT, _WRITER_PID, _HEARTBEAT_NS = 24, 32, 36, 40
+_SLOT_SEQ, _SLOT_SEQ_END = 0, 56
+_U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
+
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.uint16),
+    3: np.dtype(np.float16),
+    4: np.dtype(np.float32),
+}
+CODE_OF_DTYPE = {dt: code for code, dt in DTYPE_CODES.items()}
+CHANNEL_COUNTS = (1, 3, 4)
+
+FLAG_BGR = 1 << 0  # channel order B, G, R(, A); else R, G, B(, A)
+FLAG_BOTTOM_LEFT = 1 << 1  # first row is the bottom row (TouchDesigner's order); else the top row
+
+_READ_ATTEMPTS = 64
+
+
+class RingError(Exception):
+    """A segment is missing, malformed, or a frame does not fit the protocol."""
+
+
+def segment_names(instance: str) -> tuple[str, str]:
+    """The input and output segment names of a daemon instance."""
+    return ring_name(instance, "in"), ring_name(instance, "out")
+
+
+def ring_name(instance: str, stream: str) -> str:
+    name = f"sdb_{instance}_{stream}"
+    if len(name) > MAX_NAME_LENGTH:
+        raise RingError(f"segment name {name!r} is longer than {MAX_NAME_LENGTH} characters; "
+                        "choose a shorter instance name")
+    return name
+
+
+def slot_capacity_for(width: int, height: int, channels: int = 4, itemsize: int = 4) -> int:
+    """Bytes a slot needs for the largest frame, rounded up to a multiple of 64."""
+    size = width * height * channels * itemsize
+    return (size + 63) // 64 * 64
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame as read from a ring: the slot fields and a private copy of the pixels."""
+
+    seq: int
+    width: int
+    height: int
+    channels: int
+    dtype: int
+    flags: int
+    frame_id: int
+    source_ns: int
+    written_ns: int
+    state_version: int
+    pixels: np.ndarray  # (height, width, channels), dtype DTYPE_CODES[dtype]
+
+    @property
+    def bgr(self) -> bool:
+        return bool(self.flags & FLAG_BGR)
+
+    @property
+    def bottom_left(self) -> bool:
+        return bool(self.flags & FLAG_BOTTOM_LEFT)
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Stop Python's resource tracker from unlinking a segment when this process exits.
+
+    The daemon removes its segments itself at shutdown, and a reader must never remove a segment it
+    merely attached to (PROTOCOL.md, last note). Windows has no tracker for shared memory.
+    """
+    if os.name == "nt":
+        return
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - the tracker's internals differ between versions
+        pass
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    """Remove a segment's name. Not `shm.unlink()`: that also unregisters it from the resource tracker,
+    which `_untrack` already did. On Windows a segment goes when its last handle closes."""
+    if os.name == "nt":
+        return
+    import _posixshmem  # the module SharedMemory itself uses on POSIX
+
+    try:
+        _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
+    except FileNotFoundError:
+        pass
+
+
+class Ring:
+    """A frame ring in a shared-memory segment.
+
+    `Ring.create` makes (or safely reuses) a segment and owns it; `Ring.attach` opens one that another
+    process made. Exactly one process may `write` to a ring; any number may `read_latest`.
+    """
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool):
+        self._shm = shm
+        self._buf = shm.buf
+        self.owner = owner
+        self.name = shm.name.lstrip("/")
+        magic, version, header_size, slot_count, slot_header_size, capacity = SEGMENT_HEADER.unpack_from(
+            self._buf, 0)[:6]
+        problem = _header_problem(magic, version, header_size, slot_count, slot_header_size, capacity, shm.size)
+        if problem:
+            raise RingError(f"segment {self.name!r} is not an sdbridge ring: {problem}")
+        self.slot_count = slot_count
+        self.slot_capacity = capacity
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, name: str, slot_capacity: int, slot_count: int = DEFAULT_SLOT_COUNT) -> "Ring":
+        """Create the segment `name`, or reuse one a crashed owner left if its layout fits.
+
+        A leftover segment whose magic, version, slot count and capacity match is reused as it is
+        (its frames stay readable); anything else is removed and made anew.
+        """
+        if slot_count < 2:
+            raise RingError("a ring needs at least 2 slots")
+        if slot_capacity <= 0 or slot_capacity % 64:
+            raise RingError("slot_capacity must be a positive multiple of 64")
+        size = HEADER_SIZE + slot_count * (SLOT_HEADER_SIZE + slot_capacity)
+        try:
+            old = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            _untrack(old)
+            header = SEGMENT_HEADER.unpack_from(old.buf, 0) if old.size >= HEADER_SIZE else None
+            if (header is not None and header[0] == MAGIC and header[1] == VERSION
+                    and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
+                ring = cls(old, owner=True)
+                ring._set_writer()
+                return ring
+            old.close()
+            _unlink(old)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        _untrack(shm)
+        SEGMENT_HEADER.pack_into(shm.buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, SLOT_HEADER_SIZE,
+                                 slot_capacity, 0, 0, 0, 0, bytes(16))
+        for i in range(slot_count):
+            SLOT_HEADER.pack_into(shm.buf, HEADER_SIZE + i * (SLOT_HEADER_SIZE + slot_capacity),
+                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        ring = cls(shm, owner=True)
+        ring._set_writer()
+        return ring
+
+    @classmethod
+    def attach(cls, name: str) -> "Ring":
+        """Open an existing ring; raises FileNotFoundError while it does not exist yet."""
+        shm = shared_memory.SharedMemory(name=name)
+        _untrack(shm)
+        try:
+            return cls(shm, owner=False)
+        except RingError:
+            shm.close()
+            raise
+
+    def close(self) -> None:
+        """Release this process's mapping (the segment stays)."""
+        self._buf = None
+        try:
+            self._shm.close()
+        except BufferError:  # a numpy view is still alive somewhere; the OS frees it at exit
+            pass
+
+    def unlink(self) -> None:
+        """Remove the segment from the system (owner only, at shutdown)."""
+        _unlink(self._shm)
+
+    # ------------------------------------------------------------------ header
+    @property
+    def write_seq(self) -> int:
+        return _U64.unpack_from(self._buf, _WRITE_SEQ)[0]
+
+    @property
+    def latest_slot(self) -> int:
+        return _U32.unpack_from(self._buf, _LATEST_SLOT)[0]
+
+    @property
+    def writer_pid(self) -> int:
+        return _U32.unpack_from(self._buf, _WRITER_PID)[0]
+
+    @property
+    def heartbeat_ns(self) -> int:
+        return _U64.unpack_from(self._buf, _HEARTBEAT_NS)[0]
+
+    def heartbeat(self) -> None:
+        """Tell readers the writer is alive while it has no new frame."""
+        _U64.pack_into(self._buf, _HEARTBEAT_NS, time.monotonic_ns())
+
+    def _set_writer(self) -> None:
+        _U32.pack_into(self._buf, _WRITER_PID, os.getpid())
+        self.heartbeat()
+
+    def _slot_offset(self, index: int) -> int:
+        return HEADER_SIZE + index * (SLOT_HEADER_SIZE + self.slot_capacity)
+
+    # ------------------------------------------------------------------ frames
+    def write(self, pixels: np.ndarray, *, frame_id: int = 0, flags: int = 0, source_ns: int | None = None,
+              state_version: int = 0) -> int:
+        """Publish `pixels` (height, width, channels) as the newest frame; returns its seq."""
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if pixels.ndim != 3 or pixels.shape[2] not in CHANNEL_COUNTS:
+            raise RingError(f"a frame is (height, width, 1|3|4), not {pixels.shape}")
+        code = CODE_OF_DTYPE.get(pixels.dtype)
+        if code is None:
+            raise RingError(f"dtype {pixels.dtype} is not one of uint8, uint16, float16, float32")
+        height, width, channels = pixels.shape
+        nbytes = pixels.nbytes
+        if nbytes > self.slot_capacity:
+            raise RingError(f"a {width}x{height}x{channels} {pixels.dtype} frame needs {nbytes} bytes; "
+                            f"ring {self.name!r} slots hold {self.slot_capacity}")
+        buf = self._buf
+        seq = self.write_seq + 1
+        slot = (self.latest_slot + 1) % self.slot_count
+        off = self._slot_offset(slot)
+        _U64.pack_into(buf, off + _SLOT_SEQ, 0)
+        now = time.monotonic_ns()
+        SLOT_HEADER.pack_into(buf, off, 0, width, height, channels, code, flags, frame_id,
+                              now if source_ns is None else source_ns, 0, state_version, 0)
+        dst = np.ndarray((height, width, channels), dtype=pixels.dtype, buffer=buf,
+                         offset=off + SLOT_HEADER_SIZE)
+        np.copyto(dst, pixels)
+        del dst
+        now = time.monotonic_ns()
+        _U64.pack_into(buf, off + 40, now)  # written_ns
+        _U64.pack_into(buf, off + _SLOT_SEQ_END, seq)
+        _U64.pack_into(buf, off + _SLOT_SEQ, seq)
+        _U32.pack_into(buf, _LATEST_SLOT, slot)
+        _U32.pack_into(buf, _WRITER_PID, os.getpid())
+        _U64.pack_into(buf, _HEARTBEAT_NS, now)
+        _U64.pack_into(buf, _WRITE_SEQ, seq)
+        return seq
+
+    def read_latest(self, after_seq: int = 0) -> Frame | None:
+        """The newest complete frame if its seq is above `after_seq`, else None.
+
+        Raises RingError for a slot whose fields break the protocol (a bad writer); returns None if
+        the writer keeps overwriting the slot faster than it can be copied.
+        """
+        buf = self._buf
+        for _ in range(_READ_ATTEMPTS):
+            write_seq = _U64.unpack_from(buf, _WRITE_SEQ)[0]
+            if write_seq == 0 or write_seq <= after_seq:
+                return None
+            slot = _U32.unpack_from(buf, _LATEST_SLOT)[0]
+            if slot >= self.slot_count:
+                raise RingError(f"ring {self.name!r}: latest_slot {slot} is not below slot_count {self.slot_count}")
+            off = self._slot_offset(slot)
+            fields = SLOT_HEADER.unpack_from(buf, off)
+            if fields[0] != write_seq:
+                continue  # the writer is between publishing the slot and the header
+            seq, width, height, channels, code, flags, frame_id, source_ns, written_ns, state_version, _ = fields
+            dtype = DTYPE_CODES.get(code)
+            if dtype is None:
+                raise RingError(f"ring {self.name!r}: dtype code {code} is not 1, 2, 3 or 4")
+            if channels not in CHANNEL_COUNTS:
+                raise RingError(f"ring {self.name!r}: {channels} channels; expected 1, 3 or 4")
+            if width == 0 or height == 0 or width * height * channels * dtype.itemsize > self.slot_capacity:
+                raise RingError(f"ring {self.name!r}: a {width}x{height}x{channels} {dtype} frame does not fit "
+                                f"a {self.slot_capacity}-byte slot")
+            pixels = np.ndarray((height, width, channels), dtype=dtype, buffer=buf,
+                                offset=off + SLOT_HEADER_SIZE).copy()
+            if (_U64.unpack_from(buf, off + _SLOT_SEQ)[0] == write_seq
+                    and _U64.unpack_from(buf, off + _SLOT_SEQ_END)[0] == write_seq):
+                return Frame(seq, width, height, channels, code, flags, frame_id, source_ns, written_ns,
+                             state_version, pixels)
+        return None
+
+
+def _header_problem(magic: bytes, version: int, header_size: int, slot_count: int, slot_header_size: int,
+                    capacity: int, size: int) -> str | None:
+    if magic != MAGIC:
+        return f"magic {magic!r}, expected {MAGIC!r}"
+    if version != VERSION:
+        return f"version {version}, expected {VERSION}"
+    if header_size != HEADER_SIZE or slot_header_size != SLOT_HEADER_SIZE:
+        return f"header sizes {header_size}/{slot_header_size}, expected 64/64"
+    if slot_count < 2 or capacity == 0 or capacity % 64:
+        return f"slot_count {slot_count} and slot_capacity {capacity} are not a valid layout"
+    if size < HEADER_SIZE + slot_count * (SLOT_HEADER_SIZE + capacity):
+        return f"segment is {size} bytes, too small for {slot_count} slots of {capacity}"
+    return None

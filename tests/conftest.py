@@ -1,0 +1,197 @@
+"""Shared test fixtures: a real daemon process, talked to only through the protocol."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pythonosc.udp_client import SimpleUDPClient
+
+from bridge import osc, shm
+
+ROOT = Path(__file__).resolve().parent.parent
+_instances = itertools.count()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique_instance(prefix: str = "t") -> str:
+    return f"{prefix}{os.getpid() % 100000}x{next(_instances)}"
+
+
+def segment_exists(name: str) -> bool:
+    try:
+        ring = shm.Ring.attach(name)
+    except (FileNotFoundError, shm.RingError):
+        return False
+    ring.close()
+    return True
+
+
+def gradient(width: int = 128, height: int = 128, shift: int = 0) -> np.ndarray:
+    """An RGB uint8 test frame; `shift` moves it."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 2 + shift) % 256, (y * 2) % 256, ((x + y) // 2) % 256], -1).astype(np.uint8)
+
+
+class TelemetryListener:
+    """Collects /sdbridge/... messages sent to a UDP port."""
+
+    def __init__(self, port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str, list]] = []
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except OSError:
+                continue
+            for address, args in osc.decode(data):
+                self.messages.append((time.monotonic(), address, args))
+
+    def values(self, address: str, since: float = 0.0) -> list[list]:
+        return [args for t, a, args in list(self.messages) if a == address and t >= since]
+
+    def wait_for(self, address: str, since: float, timeout: float = 10.0, predicate=lambda args: True) -> list | None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for args in self.values(address, since):
+                if predicate(args):
+                    return args
+            time.sleep(0.05)
+        return None
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(1)
+        self.sock.close()
+
+
+class DaemonProcess:
+    """`sdbridge serve` in a subprocess on private ports and a private instance name."""
+
+    def __init__(self, *extra: str, instance: str | None = None, width: int = 128, height: int = 128):
+        self.instance = instance or unique_instance()
+        self.osc_port = free_udp_port()
+        self.telemetry = TelemetryListener(free_udp_port())
+        self.name_in, self.name_out = shm.segment_names(self.instance)
+        self.argv = [sys.executable, "-m", "bridge.cli", "serve", "--model", "tiny", "--instance", self.instance,
+                     "--osc-port", str(self.osc_port), "--telemetry-port", str(self.telemetry.sock.getsockname()[1]),
+                     "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height), *extra]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+        self.osc = SimpleUDPClient("127.0.0.1", self.osc_port)
+        self.ring_in = self.ring_out = None
+        self.frame_id = 0
+
+    def wait_started(self, timeout: float = 120.0) -> "DaemonProcess":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            if segment_exists(self.name_in) and segment_exists(self.name_out):
+                self.ring_in, self.ring_out = shm.Ring.attach(self.name_in), shm.Ring.attach(self.name_out)
+                if self.telemetry.wait_for("/sdbridge/status", 0, timeout=max(1.0, end - time.monotonic()),
+                                           predicate=lambda a: a == ["ready"]):
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def send(self, address: str, *args) -> None:
+        self.osc.send_message(address, list(args) if len(args) != 1 else args[0])
+
+    def write(self, frame: np.ndarray, **kw) -> int:
+        self.frame_id += 1
+        self.ring_in.write(frame, frame_id=self.frame_id, **kw)
+        return self.frame_id
+
+    def output_after(self, predicate, frame: np.ndarray | None = None, timeout: float = 20.0, **kw) -> shm.Frame:
+        """Keep writing `frame` (if given) until an output satisfies `predicate`."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if frame is not None:
+                self.write(frame, **kw)
+            out = self.ring_out.read_latest()
+            if out is not None and predicate(out):
+                return out
+            time.sleep(0.02)
+        raise TimeoutError(f"no matching output within {timeout} s:\n{self.log()[-3000:]}")
+
+    def settled(self, frame: np.ndarray, after_version: int, timeout: float = 20.0) -> shm.Frame:
+        """The output of `frame` under the first state newer than `after_version`, for a frame written after it."""
+        self.output_after(lambda o: o.state_version > after_version, frame, timeout)
+        fid = self.write(frame)
+        return self.output_after(lambda o: o.frame_id >= fid, frame, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        for ring in (self.ring_in, self.ring_out):
+            if ring is not None:
+                ring.close()
+        self.ring_in = self.ring_out = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.telemetry.close()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_factory():
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str, **kw) -> DaemonProcess:
+        d = DaemonProcess(*extra, **kw)
+        started.append(d)
+        return d.wait_started()
+
+    yield start
+    for d in started:
+        d.stop()
+        for name in (d.name_in, d.name_out):
+            _remove_segment(name)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One running daemon (tiny model, 128x128) shared by a module's tests."""
+    d = DaemonProcess().wait_started()
+    yield d
+    d.stop()
+
+
+def _remove_segment(name: str) -> None:
+    try:
+        ring = shm.Ring.attach(name)
+    except (FileNotFoundError, shm.RingError):
+        return
+    ring.close()
+    ring.unlink()

@@ -1,0 +1,234 @@
+"""The daemon as a client sees it: a real process, real shared memory, real OSC packets."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from bridge import shm
+
+from .conftest import gradient, segment_exists
+
+FRAME = gradient()
+
+
+def _version(daemon) -> int:
+    latest = daemon.ring_out.read_latest()
+    return latest.state_version if latest else 0
+
+
+def test_outputs_follow_inputs_with_increasing_seq_and_their_frame_id(daemon):
+    seen = []
+    end = time.monotonic() + 30
+    while len(seen) < 4 and time.monotonic() < end:
+        fid = daemon.write(gradient(shift=len(seen)))
+        out = daemon.output_after(lambda o: o.frame_id == fid, timeout=20)
+        seen.append(out)
+    assert [o.frame_id for o in seen] == sorted({o.frame_id for o in seen})
+    assert all(b.seq > a.seq for a, b in zip(seen, seen[1:]))
+    first = seen[0]
+    assert (first.width, first.height, first.channels, first.dtype) == (128, 128, 4, 1)
+    assert first.written_ns >= first.source_ns > 0
+    assert (first.pixels[:, :, 3] == 255).all()
+
+
+def test_output_copies_the_input_source_ns(daemon):
+    fid = daemon.write(FRAME, source_ns=123456789)
+    out = daemon.output_after(lambda o: o.frame_id == fid, timeout=20)
+    assert out.source_ns == 123456789
+
+
+def test_seed_changes_the_output_and_the_same_state_reproduces_it(daemon):
+    daemon.send("/seed", 1234)
+    a = daemon.settled(FRAME, _version(daemon))
+    daemon.send("/seed", 99)
+    b = daemon.settled(FRAME, a.state_version)
+    daemon.send("/seed", 1234)
+    c = daemon.settled(FRAME, b.state_version)
+    assert not np.array_equal(a.pixels, b.pixels)
+    assert np.array_equal(a.pixels, c.pixels)
+
+
+def test_prompt_changes_the_output(daemon):
+    daemon.send("/prompt", "a red fox in snow")
+    a = daemon.settled(FRAME, _version(daemon))
+    daemon.send("/prompt", "a blue whale in space")
+    b = daemon.settled(FRAME, a.state_version)
+    assert not np.array_equal(a.pixels, b.pixels)
+
+
+def test_a_state_change_rerenders_the_last_input_without_a_new_frame(daemon):
+    fid = daemon.write(FRAME)
+    out = daemon.output_after(lambda o: o.frame_id == fid)
+    daemon.send("/seed", 777)
+    again = daemon.output_after(lambda o: o.state_version > out.state_version)  # no frames written
+    assert again.frame_id == fid and again.seq > out.seq
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.uint8, 255), (np.uint16, 65535), (np.float16, 1.0), (np.float32, 1.0)])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_every_input_dtype_and_channel_count_is_accepted(daemon, dtype, scale, channels):
+    pixels = (gradient(96, 64)[:, :, :1].repeat(channels, 2).astype(np.float32) / 255 * scale).astype(dtype)
+    fid = daemon.write(pixels, flags=shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT)
+    out = daemon.output_after(lambda o: o.frame_id == fid, timeout=20)
+    assert (out.width, out.height) == (128, 128)
+
+
+def test_bad_osc_is_reported_counted_and_changes_nothing(daemon):
+    before = _version(daemon)
+    t0 = time.monotonic()
+    daemon.send("/no_such_parameter", 1.0)
+    daemon.send("/strength", 5.0)
+    daemon.send("/seed", "not a number")
+    daemon.send("/steps", 1, 2)
+    daemon.osc._sock.sendto(b"\x00garbage\xff", ("127.0.0.1", daemon.osc_port))
+    fid = daemon.write(FRAME)
+    after = daemon.output_after(lambda o: o.frame_id >= fid)
+    errors = []
+    end = time.monotonic() + 5
+    while len(errors) < 5 and time.monotonic() < end:
+        errors = daemon.telemetry.values("/sdbridge/error", t0)
+        time.sleep(0.05)
+    text = " | ".join(e[0] for e in errors)
+    assert len(errors) == 5, text
+    assert "/no_such_parameter" in text and "out of range" in text and "unreadable OSC packet" in text
+    assert after.state_version == before
+    assert daemon.proc.poll() is None
+
+
+def test_a_bundle_with_one_bad_message_is_refused_whole(daemon):
+    from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    def message(address, value):
+        b = OscMessageBuilder(address)
+        b.add_arg(value)
+        return b.build()
+
+    before = _version(daemon)
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    bundle.add_content(message("/seed", 5))
+    bundle.add_content(message("/strength", 7.0))
+    daemon.osc.send(bundle.build())
+    fid = daemon.write(FRAME)
+    assert daemon.output_after(lambda o: o.frame_id >= fid).state_version == before
+
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    bundle.add_content(message("/seed", 5))
+    bundle.add_content(message("/strength", 0.7))
+    daemon.osc.send(bundle.build())
+    out = daemon.output_after(lambda o: o.state_version > before, FRAME)
+    assert out.state_version == before + 1  # one bundle, one new version
+
+
+def test_norm_addresses_play_ranged_parameters_as_faders(daemon):
+    before = _version(daemon)
+    t0 = time.monotonic()
+    daemon.send("/norm/strength", 0.25)
+    daemon.send("/norm/prompt", 0.5)  # not ranged: refused
+    out = daemon.output_after(lambda o: o.state_version > before, FRAME)
+    assert out.state_version == before + 1
+    assert daemon.telemetry.wait_for("/sdbridge/error", t0, predicate=lambda a: "/norm/prompt" in a[0])
+
+
+def test_telemetry_reports_fps_latency_frame_state_version_status_and_model(daemon):
+    t0 = time.monotonic()
+    daemon.output_after(lambda o: o.written_ns > 0, FRAME)
+    for address in ("fps", "latency_ms", "frame", "state_version", "status", "model"):
+        assert daemon.telemetry.wait_for(f"/sdbridge/{address}", t0), address
+    assert daemon.telemetry.wait_for("/sdbridge/model", t0) == ["tiny"]
+
+
+def test_pause_holds_the_last_output(daemon):
+    fid = daemon.write(FRAME)
+    daemon.output_after(lambda o: o.frame_id == fid)
+    daemon.send("/pause", 1)
+    assert daemon.telemetry.wait_for("/sdbridge/status", time.monotonic(), predicate=lambda a: a == ["paused"])
+    held = daemon.ring_out.write_seq
+    for i in range(10):
+        daemon.write(gradient(shift=i * 7))
+        time.sleep(0.05)
+    assert daemon.ring_out.write_seq == held
+    daemon.send("/pause", 0)
+    daemon.output_after(lambda o: o.seq > held, FRAME)
+
+
+def test_txt2img_runs_with_no_input_frames(daemon):
+    seq0 = daemon.ring_out.write_seq
+    daemon.send("/mode", "txt2img")
+    try:
+        out = daemon.output_after(lambda o: o.seq > seq0 and o.frame_id == 0)
+        assert out.state_version > 0
+    finally:
+        daemon.send("/mode", "img2img")
+        daemon.output_after(lambda o: o.frame_id != 0, FRAME)
+
+
+@pytest.mark.skipif(shutil.which("oscsend") is None, reason="liblo-tools (oscsend) not installed")
+def test_osc_from_liblo_oscsend_is_understood(daemon):
+    before = _version(daemon)
+    subprocess.run(["oscsend", "localhost", str(daemon.osc_port), "/seed", "i", "4242"], check=True, timeout=10)
+    out = daemon.output_after(lambda o: o.state_version > before, FRAME)
+    subprocess.run(["oscsend", "localhost", str(daemon.osc_port), "/prompt", "s", "liblo says hello"],
+                   check=True, timeout=10)
+    daemon.output_after(lambda o: o.state_version > out.state_version, FRAME)
+    t0 = time.monotonic()
+    subprocess.run(["oscsend", "localhost", str(daemon.osc_port), "/strength", "f", "3.5"], check=True, timeout=10)
+    assert daemon.telemetry.wait_for("/sdbridge/error", t0, predicate=lambda a: "strength" in a[0])
+
+
+# ---------------------------------------------------------------- lifecycle: own daemons
+def test_sigterm_and_sigint_shut_down_cleanly_and_remove_the_segments(daemon_factory):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        d = daemon_factory()
+        assert d.stop(sig) == 0
+        assert not segment_exists(d.name_in) and not segment_exists(d.name_out)
+        assert "removed" in d.log_path.read_text()
+
+
+def test_segments_left_by_a_killed_daemon_are_reused(daemon_factory):
+    d = daemon_factory()
+    fid = d.write(FRAME)
+    d.output_after(lambda o: o.frame_id == fid)
+    d.stop(signal.SIGKILL)
+    assert segment_exists(d.name_in) and segment_exists(d.name_out)
+    # a client still attached keeps writing while the daemon is down
+    client = shm.Ring.attach(d.name_in)
+    try:
+        again = daemon_factory(instance=d.instance)
+        fid = 10_000
+        client.write(FRAME, frame_id=fid)
+        out = again.output_after(lambda o: o.frame_id == fid)
+        assert out.frame_id == fid  # the old mapping still feeds the new daemon: the segment was reused
+    finally:
+        client.close()
+
+
+def test_a_foreign_segment_with_the_daemons_name_is_recreated(daemon_factory, tmp_path):
+    from multiprocessing import shared_memory
+
+    from .conftest import unique_instance
+
+    instance = unique_instance("f")
+    name_in, _ = shm.segment_names(instance)
+    junk = shared_memory.SharedMemory(name=name_in, create=True, size=4096)
+    shm._untrack(junk)
+    junk.buf[:4] = b"JUNK"
+    junk.close()
+    d = daemon_factory(instance=instance)
+    assert d.ring_in.slot_capacity >= 1024 * 1024 * 16
+    fid = d.write(FRAME)
+    d.output_after(lambda o: o.frame_id == fid)
+
+
+def test_a_missing_model_folder_fails_at_start_with_a_clear_error(tmp_path):
+    (tmp_path / "unet").mkdir()
+    result = subprocess.run(["sdbridge", "serve", "--model", str(tmp_path), "--instance", "nomodel"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "missing text_encoder/, tokenizer/, scheduler/, vae/ or taesd/" in result.stderr
+    assert not segment_exists("sdb_nomodel_in")

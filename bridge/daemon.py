@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ from .state import StateStore
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 0.5  # the output ring's heartbeat_ns is never older than this while the daemon runs
 ERROR_BURST = 20  # error reports sent at once at most, then ERROR_RATE per second
 ERROR_RATE = 20.0
 
@@ -55,10 +57,10 @@ class Daemon:
     def start(self) -> None:
         """Create the rings, open the OSC port and start loading the model; returns at once."""
         s = self.settings
-        in_capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
-        out_capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
-        self.ring_in = shm.Ring.create(self.name_in, in_capacity, s.slot_count)
-        self.ring_out = shm.Ring.create(self.name_out, out_capacity, s.slot_count)
+        _refuse_if_served(self.name_out, s.instance)
+        capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
+        self.ring_in = shm.Ring.create(self.name_in, capacity, s.slot_count)
+        self.ring_out = shm.Ring.create(self.name_out, capacity, s.slot_count)
         self.loop = RenderLoop(load_stream=self._load_stream, store=self.store, ring_in=self.ring_in,
                                ring_out=self.ring_out, output=self.output, report_error=self.report_error)
         self._aio = asyncio.new_event_loop()
@@ -78,7 +80,11 @@ class Daemon:
 
     async def _start_io(self) -> asyncio.DatagramTransport:
         server = osc.OscServer(apply=self.store.apply, on_error=self.report_error)
-        transport = await osc.serve(self.settings.host, self.settings.osc_port, server)
+        try:
+            transport = await osc.serve(self.settings.host, self.settings.osc_port, server)
+        except OSError as e:
+            raise OSError(f"cannot listen for OSC on {self.settings.host}:{self.settings.osc_port} ({e.strerror}); "
+                          "is another sdbridge running? Choose another --osc-port") from e
         self._telemetry_loop = asyncio.get_running_loop().create_task(self._telemetry_task())
         return transport
 
@@ -114,6 +120,10 @@ class Daemon:
                 ring.close()
                 ring.unlink()
         self.telemetry.close()
+        if self.loop is not None:
+            stats = self.loop.stats
+            log.info("served %d frames, skipped %d similar inputs, refused %d messages or frames",
+                     stats.frames, stats.skipped, self.errors)
         log.info("stopped; removed %s and %s", self.name_in, self.name_out)
 
     def __enter__(self) -> "Daemon":
@@ -159,9 +169,12 @@ class Daemon:
             self.telemetry.send("error", message)
 
     async def _telemetry_task(self) -> None:
+        """Telemetry, and the output ring's heartbeat, also while a model loads or the stream is idle."""
         while True:
             self.send_telemetry()
-            await asyncio.sleep(self.settings.telemetry_interval)
+            if self.ring_out is not None:
+                self.ring_out.heartbeat()
+            await asyncio.sleep(min(self.settings.telemetry_interval, HEARTBEAT_S))
 
     @property
     def status(self) -> str:
@@ -179,3 +192,29 @@ class Daemon:
             t.send("latency_ms", float(stats.latency_ms))
             t.send("frame", int(stats.frames))
 
+
+def _refuse_if_served(name_out: str, instance: str) -> None:
+    """Refuse to start when a live daemon already serves this instance (its heartbeat is fresh)."""
+    try:
+        ring = shm.Ring.attach(name_out)
+    except (FileNotFoundError, shm.RingError):
+        return
+    try:
+        pid, age_s = ring.writer_pid, (time.monotonic_ns() - ring.heartbeat_ns) / 1e9
+    finally:
+        ring.close()
+    if pid and pid != os.getpid() and age_s < 4 * HEARTBEAT_S and _process_alive(pid):
+        raise shm.RingError(f"instance {instance!r} is already served by process {pid}; stop it or choose "
+                            "another --instance (and ports)")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would send CTRL_C_EVENT there; the fresh heartbeat is proof enough
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's) or we cannot tell: err on the side of not clobbering it
+    return True

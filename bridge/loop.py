@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
 _STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings))
-_HEARTBEAT_S = 0.5
 _ERROR_BACKOFF_S = 0.05
 
 
@@ -92,7 +91,6 @@ class RenderLoop:
         self._last_input_seq = 0
         self._rendered_version = 0
         self._rendered_image: torch.Tensor | None = None
-        self._heartbeat_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -125,10 +123,6 @@ class RenderLoop:
                 self._stop.wait(_ERROR_BACKOFF_S)
 
     def _idle(self) -> None:
-        now = time.monotonic()
-        if now - self._heartbeat_at > _HEARTBEAT_S:
-            self.ring_out.heartbeat()
-            self._heartbeat_at = now
         self.store.wait_for_change(self.store.version, self.poll_interval)
 
     def _step(self) -> bool:

@@ -18,6 +18,7 @@ from pythonosc.udp_client import SimpleUDPClient
 from bridge import osc, shm
 
 ROOT = Path(__file__).resolve().parent.parent
+SDBRIDGE = [sys.executable, "-m", "bridge.cli"]  # this checkout's code, whatever `sdbridge` is installed
 _instances = itertools.count()
 
 
@@ -93,7 +94,7 @@ class DaemonProcess:
         self.osc_port = free_udp_port()
         self.telemetry = TelemetryListener(free_udp_port())
         self.name_in, self.name_out = shm.segment_names(self.instance)
-        self.argv = [sys.executable, "-m", "bridge.cli", "serve", "--model", "tiny", "--instance", self.instance,
+        self.argv = [*SDBRIDGE, "serve", "--model", "tiny", "--instance", self.instance,
                      "--osc-port", str(self.osc_port), "--telemetry-port", str(self.telemetry.sock.getsockname()[1]),
                      "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height), *extra]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"

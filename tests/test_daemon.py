@@ -11,7 +11,7 @@ import pytest
 
 from bridge import shm
 
-from .conftest import gradient, segment_exists
+from .conftest import ROOT, SDBRIDGE, gradient, segment_exists
 
 FRAME = gradient()
 
@@ -227,8 +227,37 @@ def test_a_foreign_segment_with_the_daemons_name_is_recreated(daemon_factory, tm
 
 def test_a_missing_model_folder_fails_at_start_with_a_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
-    result = subprocess.run(["sdbridge", "serve", "--model", str(tmp_path), "--instance", "nomodel"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*SDBRIDGE, "serve", "--model", str(tmp_path), "--instance", "nomodel"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert "missing text_encoder/, tokenizer/, scheduler/, vae/ or taesd/" in result.stderr
     assert not segment_exists("sdb_nomodel_in")
+
+
+def test_the_similarity_filter_skips_near_identical_frames_only(daemon):
+    before = _version(daemon)
+    daemon.send("/similarity_threshold", 0.02)
+    version = daemon.output_after(lambda o: o.state_version > before, FRAME).state_version
+    try:
+        time.sleep(0.5)  # let frames already written drain
+        held = daemon.ring_out.write_seq
+        nearly = FRAME.copy()
+        nearly[0, 0] += 1  # one pixel changed by one level
+        for _ in range(15):
+            daemon.write(nearly)
+            time.sleep(0.03)
+        assert daemon.ring_out.write_seq == held
+        fid = daemon.write(255 - FRAME)  # a different picture
+        daemon.output_after(lambda o: o.frame_id == fid, timeout=10)
+    finally:
+        daemon.send("/similarity_threshold", 0.0)
+        daemon.output_after(lambda o: o.state_version > version, FRAME)
+
+
+def test_a_second_daemon_for_a_served_instance_refuses_to_start(daemon):
+    result = subprocess.run([*SDBRIDGE, "serve", "--instance", daemon.instance, "--osc-port", "0"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"already served by process {daemon.proc.pid}" in result.stderr
+    fid = daemon.write(FRAME)
+    daemon.output_after(lambda o: o.frame_id == fid)  # the first one is untouched

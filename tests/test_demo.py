@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 from PIL import Image
 
+from .conftest import ROOT, SDBRIDGE
+
+
+def test_the_sdbridge_command_is_installed():
+    result = subprocess.run([shutil.which("sdbridge") or "sdbridge", "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("sdbridge ")
+
 
 def test_demo_streams_frames_writes_a_contact_sheet_and_prints_a_summary(tmp_path):
-    result = subprocess.run(["sdbridge", "demo", "--seconds", "4", "--width", "128", "--height", "128",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*SDBRIDGE, "demo", "--seconds", "4", "--width", "128", "--height", "128",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
     match = re.match(r"demo: (\d+) frames in [\d.]+ s, ([\d.]+) fps, latency p50 (\d+) ms, p95 (\d+) ms", line)

@@ -31,6 +31,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
 
 
+_METAVAR = {int: "N", float: "X", str: "TEXT", bool: "0|1"}
+
+
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings and initial parameters "
                         "(see configs/default.toml); flags override it")
@@ -39,13 +42,13 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         kind: Callable[[str], Any] = type(f.default)
         choices = f.metadata.get("choices") or None
         group.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, default=None,
-                           metavar=None if choices else f.name.upper(),
+                           metavar=None if choices else _METAVAR[kind],
                            help=f"{f.metadata['doc']} (default: {f.default})")
     group = parser.add_argument_group("initial parameters (also playable over OSC as /<name>)")
     for p in params.PARAMS:
         kind = _parse_bool if p.kind is bool else p.kind
-        group.add_argument(_flag(p.name), dest=p.name, type=kind, default=None, metavar=p.name.upper(),
-                           help=f"{p.doc} (default: {p.default!r})")
+        group.add_argument(_flag(p.name), dest=p.name, type=kind, default=None, choices=p.choices or None,
+                           metavar=None if p.choices else _METAVAR[p.kind], help=f"{p.doc} (default: {p.default!r})")
 
 
 def _settings_from(args: argparse.Namespace) -> tuple[config.Settings, dict[str, Any]]:

@@ -261,3 +261,14 @@ def test_a_second_daemon_for_a_served_instance_refuses_to_start(daemon):
     assert f"already served by process {daemon.proc.pid}" in result.stderr
     fid = daemon.write(FRAME)
     daemon.output_after(lambda o: o.frame_id == fid)  # the first one is untouched
+
+
+def test_two_instances_run_side_by_side(daemon, daemon_factory):
+    other = daemon_factory()
+    ids = {d.instance: d.write(FRAME) for d in (daemon, other)}
+    for d in (daemon, other):
+        assert d.output_after(lambda o: o.frame_id == ids[d.instance]).frame_id == ids[d.instance]
+    other.send("/seed", 31337)
+    before = _version(daemon)
+    other.output_after(lambda o: o.state_version > 1, FRAME)
+    assert _version(daemon) == before  # OSC to one instance leaves the other alone

@@ -49,6 +49,25 @@ def test_img2img_matches_diffusers_pipeline(model, strength, steps, guidance):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_v_prediction_models_match_diffusers_pipeline(model):
+    """SD 2.x (768-v) models predict v, not noise; the scheduler config says which."""
+    from diffusers import LCMScheduler
+
+    v_model = registry.ModelBundle(**{**model.__dict__,
+                                      "scheduler": LCMScheduler.from_config(model.scheduler.config,
+                                                                            prediction_type="v_prediction")})
+    settings = StreamSettings(prompt="a lighthouse", seed=5, strength=0.8, steps=2)
+    stream = Stream(v_model, CPU, F32)
+    stream.prepare(settings)
+    image = _image()
+    ours = stream.render(image * 2 - 1)
+    theirs = _pipeline(StableDiffusionImg2ImgPipeline, v_model)(
+        prompt_embeds=stream.prompts.encode(settings.prompt), image=image, strength=1.0,
+        timesteps=list(timesteps_for(0.8, 2, "img2img")), guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(settings.seed), output_type="pt").images
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
 def test_txt2img_matches_diffusers_pipeline(model):
     settings = StreamSettings(prompt="a blue whale", seed=11, steps=2, mode="txt2img")
     stream = Stream(model, CPU, F32)

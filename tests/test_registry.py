@@ -44,6 +44,27 @@ def test_a_diffusers_folder_loads_and_renders_like_the_model_it_was_saved_from(s
     assert not registry.load(str(saved_tiny), CPU, F32).test_model
 
 
+def test_a_folder_with_a_full_vae_instead_of_taesd_loads_and_renders(saved_tiny, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path / "with-vae"
+    shutil.copytree(saved_tiny, folder, ignore=shutil.ignore_patterns("taesd"))
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=64,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
+                  ).save_pretrained(folder / "vae")
+    model = registry.load(str(folder), CPU, F32)
+    assert model.autoencoder.name == "vae" and model.autoencoder.spatial_factor == 8
+    stream = Stream(model, CPU, F32)
+    stream.prepare(StreamSettings(prompt="x", seed=3, width=64, height=64))
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    out = stream.render(image)
+    assert out.shape == (1, 3, 64, 64)
+    assert torch.equal(out, stream.render(image))  # the latent mean, not a sample: the same frame, the same output
+
+
 def test_a_missing_path_names_what_is_expected(tmp_path):
     with pytest.raises(registry.ModelError, match="not found: give `tiny` or the path of a diffusers model folder"):
         registry.resolve(str(tmp_path / "nope"))

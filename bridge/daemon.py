@@ -44,6 +44,7 @@ class Daemon:
         self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
         self.osc_port = settings.osc_port
         self.errors = 0
+        self._errors_suppressed = 0
         self._error_tokens = float(ERROR_BURST)
         self._error_refill = time.monotonic()
         self._error_lock = threading.Lock()
@@ -155,7 +156,8 @@ class Daemon:
                 "restart with larger --max-width/--max-height")
 
     def report_error(self, message: str) -> None:
-        """Count, log and send an error on /sdbridge/error (sending is rate-limited, counting is not)."""
+        """Count every error; log it and send it on /sdbridge/error at a bounded rate, so that a flood
+        of bad messages can neither fill the log nor the network."""
         with self._error_lock:
             self.errors += 1
             now = time.monotonic()
@@ -164,8 +166,11 @@ class Daemon:
             send = self._error_tokens >= 1
             if send:
                 self._error_tokens -= 1
-        log.warning("%s", message)
+                suppressed, self._errors_suppressed = self._errors_suppressed, 0
+            else:
+                self._errors_suppressed += 1
         if send:
+            log.warning("%s%s", message, f" ({suppressed} more not shown)" if suppressed else "")
             self.telemetry.send("error", message)
 
     async def _telemetry_task(self) -> None:

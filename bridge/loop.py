@@ -113,13 +113,18 @@ class RenderLoop:
             return
         self.stats.status = READY
         self.ready.set()
+        last_error = ""
         while not self._stop.is_set():
             try:
                 if not self._step():
                     self._idle()
             except Exception as e:  # a bad frame or a failed render must never end the stream
-                log.exception("frame failed")
-                self.report_error(f"frame failed: {type(e).__name__}: {e}")
+                message = f"frame failed: {type(e).__name__}: {e}"
+                # the traceback once per distinct failure, not once per frame of a persistent one
+                log.log(logging.DEBUG if message == last_error else logging.ERROR, "%s", message,
+                        exc_info=message != last_error)
+                last_error = message
+                self.report_error(message)
                 self._stop.wait(_ERROR_BACKOFF_S)
 
     def _idle(self) -> None:
@@ -142,6 +147,9 @@ class RenderLoop:
         elif self._last_input is None or not (new_input or state_changed):
             return False
 
+        # Whatever happens below, this state and input count as tried: a failure is retried with the
+        # next frame or state change, not in a busy loop.
+        self._rendered_version = snap.version
         stream = self.stream
         settings = stream_settings(snap)
         if settings != stream.settings:
@@ -162,7 +170,6 @@ class RenderLoop:
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
                             source_ns=source_ns, state_version=snap.version)
         self.stats.record(time.monotonic_ns() - source_ns)
-        self._rendered_version = snap.version
         self._rendered_image = image
         return True
 

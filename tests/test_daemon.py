@@ -272,3 +272,24 @@ def test_two_instances_run_side_by_side(daemon, daemon_factory):
     before = _version(daemon)
     other.output_after(lambda o: o.state_version > 1, FRAME)
     assert _version(daemon) == before  # OSC to one instance leaves the other alone
+
+
+def test_error_reports_are_all_counted_but_sent_at_a_bounded_rate():
+    from bridge.config import Settings
+    from bridge.daemon import ERROR_BURST, Daemon
+
+    from .conftest import TelemetryListener, free_udp_port
+
+    listener = TelemetryListener(free_udp_port())
+    try:
+        d = Daemon(Settings(telemetry_port=listener.sock.getsockname()[1]))
+        t0 = time.monotonic()
+        for i in range(200):
+            d.report_error(f"bad message {i}")
+        time.sleep(0.5)
+        sent = listener.values("/sdbridge/error", t0)
+        assert d.errors == 200
+        assert ERROR_BURST <= len(sent) < ERROR_BURST + 15
+        assert sent[0] == ["bad message 0"]
+    finally:
+        listener.close()

@@ -291,5 +291,6 @@ def test_error_reports_are_all_counted_but_sent_at_a_bounded_rate():
         assert d.errors == 200
         assert ERROR_BURST <= len(sent) < ERROR_BURST + 15
         assert sent[0] == ["bad message 0"]
+        d.telemetry.close()
     finally:
         listener.close()

@@ -140,6 +140,8 @@ class Ring:
         self._buf = shm.buf
         self.owner = owner
         self.name = shm.name.lstrip("/")
+        if shm.size < HEADER_SIZE:
+            raise RingError(f"segment {self.name!r} is {shm.size} bytes, too small for a ring header")
         magic, version, header_size, slot_count, slot_header_size, capacity = SEGMENT_HEADER.unpack_from(
             self._buf, 0)[:6]
         problem = _header_problem(magic, version, header_size, slot_count, slot_header_size, capacity, shm.size)

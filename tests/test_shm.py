@@ -92,12 +92,13 @@ def test_a_slot_left_mid_write_is_not_read(ring):
     assert ring.read_latest() is None
 
 
-def test_attach_refuses_a_segment_that_is_not_a_ring():
+@pytest.mark.parametrize("size,message", [(4096, "magic"), (16, "too small")])
+def test_attach_refuses_a_segment_that_is_not_a_ring(size, message):
     name = shm.ring_name(unique_instance("j"), "in")
-    junk = shared_memory.SharedMemory(name=name, create=True, size=4096)
+    junk = shared_memory.SharedMemory(name=name, create=True, size=size)
     shm._untrack(junk)
     try:
-        with pytest.raises(shm.RingError, match="magic"):
+        with pytest.raises(shm.RingError, match=message):
             shm.Ring.attach(name)
     finally:
         junk.close()

@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # python-osc logs every malformed packet itself; the daemon reports those, rate-limited
+    logging.getLogger("pythonosc").setLevel(logging.ERROR)
     from engines.registry import ModelError  # torch loads here, after the arguments are known to be good
 
     try:
@@ -111,8 +113,11 @@ def _serve(settings: config.Settings, initial: dict[str, Any]) -> int:
     daemon = Daemon(settings, initial)
     try:
         daemon.start()
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if daemon.loop.ready.is_set() and daemon.loop.stream is None:
+                # nothing to serve and, until models can be switched live, nothing to recover to
+                print(f"sdbridge: model {settings.model!r} failed to load; see the log above", file=sys.stderr)
+                return 1
     finally:
         daemon.stop()
     return 0
@@ -121,7 +126,15 @@ def _serve(settings: config.Settings, initial: dict[str, Any]) -> int:
 def _demo(settings: config.Settings, initial: dict[str, Any], seconds: float, out: str) -> int:
     from . import demo
 
-    result = demo.run(settings, initial, seconds=seconds, out_dir=out)
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the daemon's `with`, which removes the segments
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        result = demo.run(settings, initial, seconds=seconds, out_dir=out)
+    except KeyboardInterrupt:
+        print("sdbridge: demo interrupted", file=sys.stderr)
+        return 130
     print(result.summary(), flush=True)
     return 0 if result.frames > 0 else 1
 

@@ -65,6 +65,8 @@ class Settings:
             raise ConfigError(f"output_channels = {self.output_channels}: expected 1, 3 or 4")
         if self.slot_count < 2:
             raise ConfigError("slot_count must be at least 2")
+        if not self.telemetry_interval > 0:
+            raise ConfigError("telemetry_interval must be above 0 seconds")
         for name in ("max_width", "max_height"):
             if getattr(self, name) < 64:
                 raise ConfigError(f"{name} must be at least 64")

@@ -60,7 +60,7 @@ class Daemon:
         s = self.settings
         _refuse_if_served(self.name_out, s.instance)
         capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
-        self.ring_in = shm.Ring.create(self.name_in, capacity, s.slot_count)
+        self.ring_in = shm.Ring.create(self.name_in, capacity, s.slot_count, writer=False)
         self.ring_out = shm.Ring.create(self.name_out, capacity, s.slot_count)
         self.loop = RenderLoop(load_stream=self._load_stream, store=self.store, ring_in=self.ring_in,
                                ring_out=self.ring_out, output=self.output, report_error=self.report_error)

@@ -1,6 +1,6 @@
 """`sdbridge demo`: the whole product in one command, with no TouchDesigner and no weights.
 
-It starts a daemon in-process, plays the part of a client exactly as TouchDesigner would (frames into
+It starts a daemon in-process (on its own instance name and ports, whatever the flags say), plays the part of a client exactly as TouchDesigner would (frames into
 the input ring, outputs read from the output ring, prompt and seed changes as real OSC packets over
 UDP), writes a PNG contact sheet of inputs and outputs, and prints one summary line.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,7 +68,8 @@ def pattern_frame(t: float, width: int = 512, height: int = 512) -> np.ndarray:
 def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: float = 12.0,
         out_dir: str | Path = ".", input_fps: float = 30.0) -> DemoResult:
     """Run the demo against a fresh in-process daemon and return its figures."""
-    settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0)
+    # A private instance, OSC port and telemetry port, so that a demo never disturbs a running show.
+    settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0, telemetry_port=_free_udp_port())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Daemon(settings, initial) as daemon:
@@ -80,6 +82,12 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: f
         finally:
             ring_in.close()
             ring_out.close()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _play(ring_in: shm.Ring, ring_out: shm.Ring, osc_client: SimpleUDPClient, seconds: float, out_dir: Path,

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
 _STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings))
 _ERROR_BACKOFF_S = 0.05
+# Longest input side accepted. A frame within the slot's bytes can still be absurdly shaped
+# (2,000,000 x 1), and resizing that costs seconds and gigabytes; no camera or TOP sends one.
+MAX_INPUT_SIDE = 8192
 
 
 def stream_settings(snapshot: Snapshot) -> StreamSettings:
@@ -97,6 +100,8 @@ class RenderLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self._thread.ident is None:  # never started (the daemon failed before it got that far)
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("render thread did not stop within %.0f s", timeout)
@@ -169,12 +174,16 @@ class RenderLoop:
         source_ns = frame.source_ns if frame is not None else started_ns
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
                             source_ns=source_ns, state_version=snap.version)
-        self.stats.record(time.monotonic_ns() - source_ns)
+        # Telemetry latency: from the frame's source for a new frame; a re-render of an old frame for
+        # a state change counts from the change, not from when that frame was first written.
+        self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns))
         self._rendered_image = image
         return True
 
     def _take_input(self) -> bool:
         """Move the newest input frame, if any is new, into `_last_input`; True if one was taken."""
+        if self.ring_in.write_seq < self._last_input_seq:
+            self._last_input_seq = 0  # the client started counting again (a new ring writer)
         try:
             frame = self.ring_in.read_latest(after_seq=self._last_input_seq)
         except shm.RingError as e:
@@ -182,6 +191,10 @@ class RenderLoop:
             self.report_error(f"input frame refused: {e}")
             return False
         if frame is None:
+            return False
+        if frame.width > MAX_INPUT_SIDE or frame.height > MAX_INPUT_SIDE:
+            self._last_input_seq = frame.seq
+            self.report_error(f"input frame refused: {frame.width}x{frame.height} has a side over {MAX_INPUT_SIDE}")
             return False
         self._last_input = frame
         self._last_input_seq = frame.seq

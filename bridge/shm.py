@@ -152,10 +152,12 @@ class Ring:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, name: str, slot_capacity: int, slot_count: int = DEFAULT_SLOT_COUNT) -> "Ring":
+    def create(cls, name: str, slot_capacity: int, slot_count: int = DEFAULT_SLOT_COUNT,
+               writer: bool = True) -> "Ring":
         """Create the segment `name`, or reuse one a crashed owner left if its layout fits.
 
-        A leftover segment whose magic, version, slot count and capacity match is reused as it is
+        `writer=False` for a ring that the clients write (the daemon's input): its writer_pid and
+        heartbeat stay the client's. A leftover segment whose magic, version, slot count and capacity match is reused as it is
         (its frames stay readable); anything else is removed and made anew.
         """
         if slot_count < 2:
@@ -173,7 +175,8 @@ class Ring:
             if (header is not None and header[0] == MAGIC and header[1] == VERSION
                     and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
                 ring = cls(old, owner=True)
-                ring._set_writer()
+                if writer:
+                    ring._set_writer()
                 return ring
             old.close()
             _unlink(old)
@@ -185,7 +188,8 @@ class Ring:
             SLOT_HEADER.pack_into(shm.buf, HEADER_SIZE + i * (SLOT_HEADER_SIZE + slot_capacity),
                                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         ring = cls(shm, owner=True)
-        ring._set_writer()
+        if writer:
+            ring._set_writer()
         return ring
 
     @classmethod
@@ -254,7 +258,9 @@ class Ring:
         nbytes = pixels.nbytes
         if nbytes > self.slot_capacity:
             raise RingError(f"a {width}x{height}x{channels} {pixels.dtype} frame needs {nbytes} bytes; "
-                            f"ring {self.name!r} slots hold {self.slot_capacity}")
+                            f"ring {self.name!r} slots hold {self.slot_capacity} (the daemon sizes them by its "
+                            "max_width and max_height: start it with larger --max-width/--max-height, or send "
+                            "uint8 or a smaller frame)")
         buf = self._buf
         seq = self.write_seq + 1
         slot = (self.latest_slot + 1) % self.slot_count
@@ -296,14 +302,12 @@ class Ring:
             if fields[0] != write_seq:
                 continue  # the writer is between publishing the slot and the header
             seq, width, height, channels, code, flags, frame_id, source_ns, written_ns, state_version, _ = fields
-            dtype = DTYPE_CODES.get(code)
-            if dtype is None:
-                raise RingError(f"ring {self.name!r}: dtype code {code} is not 1, 2, 3 or 4")
-            if channels not in CHANNEL_COUNTS:
-                raise RingError(f"ring {self.name!r}: {channels} channels; expected 1, 3 or 4")
-            if width == 0 or height == 0 or width * height * channels * dtype.itemsize > self.slot_capacity:
-                raise RingError(f"ring {self.name!r}: a {width}x{height}x{channels} {dtype} frame does not fit "
-                                f"a {self.slot_capacity}-byte slot")
+            problem = _slot_problem(width, height, channels, code, self.slot_capacity)
+            if problem:
+                if _U64.unpack_from(buf, off + _SLOT_SEQ)[0] != write_seq:
+                    continue  # a header torn by a concurrent write, not a bad writer: read again
+                raise RingError(f"ring {self.name!r}: {problem}")
+            dtype = DTYPE_CODES[code]
             pixels = np.ndarray((height, width, channels), dtype=dtype, buffer=buf,
                                 offset=off + SLOT_HEADER_SIZE).copy()
             if (_U64.unpack_from(buf, off + _SLOT_SEQ)[0] == write_seq
@@ -311,6 +315,17 @@ class Ring:
                 return Frame(seq, width, height, channels, code, flags, frame_id, source_ns, written_ns,
                              state_version, pixels)
         return None
+
+
+def _slot_problem(width: int, height: int, channels: int, code: int, capacity: int) -> str | None:
+    dtype = DTYPE_CODES.get(code)
+    if dtype is None:
+        return f"dtype code {code} is not 1, 2, 3 or 4"
+    if channels not in CHANNEL_COUNTS:
+        return f"{channels} channels; expected 1, 3 or 4"
+    if width == 0 or height == 0 or width * height * channels * dtype.itemsize > capacity:
+        return f"a {width}x{height}x{channels} {dtype} frame does not fit a {capacity}-byte slot"
+    return None
 
 
 def _header_problem(magic: bytes, version: int, header_size: int, slot_count: int, slot_header_size: int,

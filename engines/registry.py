@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny"
 REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+CONFIG_FILES = {"unet": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
 # TAESD is the real-time default; a full KL VAE is used only where no TAESD is found.
 TAESD_FOLDERS = ("taesd", "tiny_vae")
 
@@ -63,6 +64,8 @@ def resolve(name: str) -> str:
         raise ModelError(f"model {name!r} is a file; single-file checkpoints are not supported yet: "
                          "give a diffusers model folder")
     missing = [f + "/" for f in REQUIRED_FOLDERS if not (path / f).is_dir()]
+    missing += [f"{f}/{CONFIG_FILES[f]}" for f in REQUIRED_FOLDERS
+                if (path / f).is_dir() and f in CONFIG_FILES and not (path / f / CONFIG_FILES[f]).is_file()]
     if not _autoencoder_folder(path):
         missing.append("vae/ or taesd/")
     if missing:

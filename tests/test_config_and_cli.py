@@ -39,6 +39,7 @@ def test_flags_override_the_config_file(tmp_path):
     ("output_channels = 2", "1, 3 or 4"),
     ('output_dtype = "int8"', "expected one of"),
     ("osc_port = [", "config file"),
+    ("telemetry_interval = 0", "above 0"),
 ])
 def test_bad_config_files_are_refused_with_the_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"

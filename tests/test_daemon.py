@@ -22,13 +22,13 @@ def _version(daemon) -> int:
 
 
 def test_outputs_follow_inputs_with_increasing_seq_and_their_frame_id(daemon):
-    seen = []
+    seen, written = [], []
     end = time.monotonic() + 30
     while len(seen) < 4 and time.monotonic() < end:
         fid = daemon.write(gradient(shift=len(seen)))
-        out = daemon.output_after(lambda o: o.frame_id == fid, timeout=20)
-        seen.append(out)
-    assert [o.frame_id for o in seen] == sorted({o.frame_id for o in seen})
+        written.append(fid)
+        seen.append(daemon.output_after(lambda o: o.frame_id >= fid, timeout=20))
+    assert [o.frame_id for o in seen] == written  # each output is of the frame just written
     assert all(b.seq > a.seq for a, b in zip(seen, seen[1:]))
     first = seen[0]
     assert (first.width, first.height, first.channels, first.dtype) == (128, 128, 4, 1)
@@ -141,6 +141,9 @@ def test_telemetry_reports_fps_latency_frame_state_version_status_and_model(daem
     for address in ("fps", "latency_ms", "frame", "state_version", "status", "model"):
         assert daemon.telemetry.wait_for(f"/sdbridge/{address}", t0), address
     assert daemon.telemetry.wait_for("/sdbridge/model", t0) == ["tiny"]
+    assert daemon.telemetry.wait_for("/sdbridge/fps", t0, predicate=lambda a: a[0] > 0)
+    assert daemon.telemetry.wait_for("/sdbridge/latency_ms", t0, predicate=lambda a: 0 < a[0] < 10_000)
+    assert daemon.telemetry.wait_for("/sdbridge/status", t0) == ["ready"]
 
 
 def test_pause_holds_the_last_output(daemon):
@@ -162,7 +165,7 @@ def test_txt2img_runs_with_no_input_frames(daemon):
     daemon.send("/mode", "txt2img")
     try:
         out = daemon.output_after(lambda o: o.seq > seq0 and o.frame_id == 0)
-        assert out.state_version > 0
+        assert out.written_ns >= out.source_ns > 0
     finally:
         daemon.send("/mode", "img2img")
         daemon.output_after(lambda o: o.frame_id != 0, FRAME)
@@ -230,7 +233,7 @@ def test_a_missing_model_folder_fails_at_start_with_a_clear_error(tmp_path):
     result = subprocess.run([*SDBRIDGE, "serve", "--model", str(tmp_path), "--instance", "nomodel"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
-    assert "missing text_encoder/, tokenizer/, scheduler/, vae/ or taesd/" in result.stderr
+    assert "missing text_encoder/, tokenizer/, scheduler/, unet/config.json, vae/ or taesd/" in result.stderr
     assert not segment_exists("sdb_nomodel_in")
 
 
@@ -294,3 +297,87 @@ def test_error_reports_are_all_counted_but_sent_at_a_bounded_rate():
         d.telemetry.close()
     finally:
         listener.close()
+
+
+def test_input_flags_are_honoured(daemon):
+    """The same picture sent as RGB top-left and as BGR bottom-left gives the same output."""
+    before = _version(daemon)
+    daemon.send("/seed", 2024)
+    daemon.output_after(lambda o: o.state_version > before, FRAME)
+    fid = daemon.write(FRAME)
+    plain = daemon.output_after(lambda o: o.frame_id == fid)
+    fid = daemon.write(np.ascontiguousarray(FRAME[::-1, :, ::-1]), flags=shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT)
+    flipped = daemon.output_after(lambda o: o.frame_id == fid)
+    assert plain.state_version == flipped.state_version
+    assert np.array_equal(plain.pixels, flipped.pixels)
+    fid = daemon.write(np.ascontiguousarray(FRAME[::-1, :, ::-1]))  # the same bytes, no flags: another picture
+    assert not np.array_equal(plain.pixels, daemon.output_after(lambda o: o.frame_id == fid).pixels)
+
+
+def test_output_order_and_origin_settings_shape_the_output(daemon_factory):
+    plain = daemon_factory()
+    td = daemon_factory("--output-origin", "bottom-left", "--output-order", "bgr", "--output-channels", "3")
+    outs = []
+    for d in (plain, td):
+        fid = d.write(FRAME)
+        outs.append(d.output_after(lambda o: o.frame_id == fid))
+    a, b = outs
+    assert (a.flags, b.flags) == (0, shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT)
+    assert b.channels == 3 and np.array_equal(b.pixels, a.pixels[::-1, :, 2::-1])
+
+
+def test_an_absurdly_shaped_input_frame_is_refused_and_the_stream_goes_on(daemon):
+    t0 = time.monotonic()
+    daemon.write(np.zeros((1, 200_000, 1), np.float32))
+    assert daemon.telemetry.wait_for("/sdbridge/error", t0, predicate=lambda a: "200000x1" in a[0])
+    fid = daemon.write(FRAME)
+    daemon.output_after(lambda o: o.frame_id == fid, timeout=10)
+
+
+def test_a_client_that_restarts_its_sequence_numbers_is_followed(daemon):
+    fid = daemon.write(FRAME)
+    daemon.output_after(lambda o: o.frame_id == fid)
+    import struct
+    struct.pack_into("<Q", daemon.ring_in._buf, 24, 0)  # a new client writer starting from seq 0
+    fid = daemon.write(255 - FRAME)
+    assert daemon.ring_in.write_seq == 1
+    daemon.output_after(lambda o: o.frame_id == fid, timeout=10)
+
+
+def test_a_busy_osc_port_is_a_clear_error_and_leaves_no_segments(tmp_path):
+    import socket
+
+    from .conftest import unique_instance
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    instance = unique_instance("p")
+    try:
+        result = subprocess.run([*SDBRIDGE, "serve", "--instance", instance, "--osc-port",
+                                 str(holder.getsockname()[1])], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert "cannot listen for OSC" in result.stderr and "Traceback" not in result.stderr
+    assert not any(segment_exists(n) for n in shm.segment_names(instance))
+
+
+def test_a_model_that_fails_to_load_makes_serve_exit_with_an_error(tmp_path):
+    import torch
+
+    from engines import registry
+
+    from .conftest import unique_instance
+
+    model = registry.load("tiny", torch.device("cpu"), torch.float32)
+    for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder), ("tokenizer", model.tokenizer),
+                         ("scheduler", model.scheduler), ("taesd", model.autoencoder.module)):
+        module.save_pretrained(tmp_path / part)
+    for f in (tmp_path / "unet").glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    instance = unique_instance("m")
+    result = subprocess.run([*SDBRIDGE, "serve", "--model", str(tmp_path), "--instance", instance, "--osc-port", "0"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1
+    assert "failed to load" in result.stderr
+    assert not any(segment_exists(n) for n in shm.segment_names(instance))

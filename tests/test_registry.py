@@ -73,7 +73,8 @@ def test_a_missing_path_names_what_is_expected(tmp_path):
 def test_a_folder_missing_components_names_each_one(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae").mkdir()
-    with pytest.raises(registry.ModelError, match=r"missing text_encoder/, tokenizer/, scheduler/, vae/ or taesd/"):
+    with pytest.raises(registry.ModelError,
+                       match=r"missing text_encoder/, tokenizer/, scheduler/, unet/config.json, vae/ or taesd/"):
         registry.resolve(str(tmp_path))
 
 

@@ -1,14 +1,14 @@
 """`sdbridge demo`: the whole product in one command, with no TouchDesigner and no weights.
 
-It starts a daemon in-process (on its own instance name and ports, whatever the flags say), plays the part of a client exactly as TouchDesigner would (frames into
-the input ring, outputs read from the output ring, prompt and seed changes as real OSC packets over
-UDP), writes a PNG contact sheet of inputs and outputs, and prints one summary line.
+It starts a daemon in-process (on its own instance name and ports, whatever the flags say), plays the
+part of a client exactly as TouchDesigner would (frames into the input ring, outputs read from the
+output ring, prompt and seed changes as real OSC packets over UDP), writes a PNG contact sheet of
+inputs and outputs, and prints one summary line.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pythonosc.udp_client import SimpleUDPClient
 
-from . import shm
+from . import osc, shm
 from .config import Settings
 from .daemon import Daemon
 
@@ -69,7 +69,8 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: f
         out_dir: str | Path = ".", input_fps: float = 30.0) -> DemoResult:
     """Run the demo against a fresh in-process daemon and return its figures."""
     # A private instance, OSC port and telemetry port, so that a demo never disturbs a running show.
-    settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0, telemetry_port=_free_udp_port())
+    settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0,
+                       telemetry_port=osc.free_udp_port())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Daemon(settings, initial) as daemon:
@@ -82,12 +83,6 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: f
         finally:
             ring_in.close()
             ring_out.close()
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _play(ring_in: shm.Ring, ring_out: shm.Ring, osc_client: SimpleUDPClient, seconds: float, out_dir: Path,

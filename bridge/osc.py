@@ -137,6 +137,13 @@ class OscServer(asyncio.DatagramProtocol):
         log.debug("OSC socket error: %s", exc)
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port that is free on `host` right now (for private telemetry targets and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 async def serve(host: str, port: int, server: OscServer) -> asyncio.DatagramTransport:
     """Bind the OSC server; the transport's `get_extra_info('sockname')` tells the bound port."""
     loop = asyncio.get_running_loop()

@@ -156,41 +156,44 @@ class Ring:
                writer: bool = True) -> "Ring":
         """Create the segment `name`, or reuse one a crashed owner left if its layout fits.
 
-        `writer=False` for a ring that the clients write (the daemon's input): its writer_pid and
-        heartbeat stay the client's. A leftover segment whose magic, version, slot count and capacity match is reused as it is
-        (its frames stay readable); anything else is removed and made anew.
+        A leftover segment whose magic, version, slot count and capacity match is reused as it is (its
+        frames stay readable); anything else is removed and made anew. `writer=False` is for a ring the
+        clients write (the daemon's input): its writer_pid and heartbeat stay the client's.
         """
         if slot_count < 2:
             raise RingError("a ring needs at least 2 slots")
         if slot_capacity <= 0 or slot_capacity % 64:
             raise RingError("slot_capacity must be a positive multiple of 64")
         size = HEADER_SIZE + slot_count * (SLOT_HEADER_SIZE + slot_capacity)
-        try:
-            old = shared_memory.SharedMemory(name=name)
-        except FileNotFoundError:
-            old = None
-        if old is not None:
-            _untrack(old)
-            header = SEGMENT_HEADER.unpack_from(old.buf, 0) if old.size >= HEADER_SIZE else None
-            if (header is not None and header[0] == MAGIC and header[1] == VERSION
-                    and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
-                ring = cls(old, owner=True)
-                if writer:
-                    ring._set_writer()
-                return ring
-            old.close()
-            _unlink(old)
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        _untrack(shm)
-        SEGMENT_HEADER.pack_into(shm.buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, SLOT_HEADER_SIZE,
-                                 slot_capacity, 0, 0, 0, 0, bytes(16))
-        for i in range(slot_count):
-            SLOT_HEADER.pack_into(shm.buf, HEADER_SIZE + i * (SLOT_HEADER_SIZE + slot_capacity),
-                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        ring = cls(shm, owner=True)
+        ring = cls._reuse(name, slot_capacity, slot_count, size)
+        if ring is None:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            _untrack(shm)
+            SEGMENT_HEADER.pack_into(shm.buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, SLOT_HEADER_SIZE,
+                                     slot_capacity, 0, 0, 0, 0, bytes(16))
+            for i in range(slot_count):
+                SLOT_HEADER.pack_into(shm.buf, HEADER_SIZE + i * (SLOT_HEADER_SIZE + slot_capacity),
+                                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            ring = cls(shm, owner=True)
         if writer:
             ring._set_writer()
         return ring
+
+    @classmethod
+    def _reuse(cls, name: str, slot_capacity: int, slot_count: int, size: int) -> "Ring | None":
+        """The leftover segment `name` if its layout fits; a misfit is removed. None: make a new one."""
+        try:
+            old = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            return None
+        _untrack(old)
+        header = SEGMENT_HEADER.unpack_from(old.buf, 0) if old.size >= HEADER_SIZE else None
+        if (header is not None and header[0] == MAGIC and header[1] == VERSION
+                and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
+            return cls(old, owner=True)
+        old.close()
+        _unlink(old)
+        return None
 
     @classmethod
     def attach(cls, name: str) -> "Ring":

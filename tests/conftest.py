@@ -16,16 +16,11 @@ import pytest
 from pythonosc.udp_client import SimpleUDPClient
 
 from bridge import osc, shm
+from bridge.osc import free_udp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SDBRIDGE = [sys.executable, "-m", "bridge.cli"]  # this checkout's code, whatever `sdbridge` is installed
 _instances = itertools.count()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unique_instance(prefix: str = "t") -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import tiny
 from .autoencoder import Autoencoder
+from .bundle import TINY_ARCH, ModelBundle, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -25,31 +25,6 @@ REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 CONFIG_FILES = {"unet": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
 # TAESD is the real-time default; a full KL VAE is used only where no TAESD is found.
 TAESD_FOLDERS = ("taesd", "tiny_vae")
-
-
-class ModelError(Exception):
-    """A model that cannot be found or loaded; the message says what to do about it."""
-
-
-@dataclass
-class ModelBundle:
-    """Everything the stream pipeline needs of one model, on one device."""
-
-    name: str
-    unet: UNet2DConditionModel
-    autoencoder: Autoencoder
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: LCMScheduler
-    test_model: bool = False  # True: random or toy weights, images mean nothing
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ModelBundle":
-        for module in (self.unet, self.autoencoder.module, self.text_encoder):
-            module.to(device)
-            if module.dtype != dtype:  # diffusers warns about any dtype cast, even a no-op one
-                module.to(dtype=dtype)
-            module.requires_grad_(False)
-        return self
 
 
 def resolve(name: str) -> str:
@@ -85,7 +60,7 @@ def load(name: str, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         bundle = ModelBundle(
             name=TINY, unet=tiny.build_unet(), autoencoder=Autoencoder(tiny.build_autoencoder()),
             text_encoder=tiny.build_text_encoder(), tokenizer=tiny.build_tokenizer(),
-            scheduler=tiny.build_scheduler(), test_model=True,
+            scheduler=tiny.build_scheduler(), test_model=True, arch=TINY_ARCH, source=TINY,
         )
         return bundle.to(device, dtype)
     return _load_folder(Path(resolved), device, dtype)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import PromptEncoder
-from .registry import ModelBundle
+from .bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ class Autoencoder:
         self.latent_channels = int(module.config.latent_channels)
         self.spatial_factor = 2 ** (len(module.config.encoder_block_out_channels if self.tiny
                                         else module.config.block_out_channels) - 1)
+        # SDXL's original VAE overflows in float16 (its config says force_upcast): run it in float32
+        self.upcast = not self.tiny and bool(getattr(module.config, "force_upcast", False))
 
     @property
     def name(self) -> str:
@@ -27,12 +29,22 @@ class Autoencoder:
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/f, W/f)."""
+        dtype = image.dtype
+        image = self._prepare(image)
         if self.tiny:
             latents = self.module.encode(image).latents
         else:
             latents = self.module.encode(image).latent_dist.mean  # the mean: the same frame gives the same latent
-        return latents * self.scaling_factor
+        return (latents * self.scaling_factor).to(dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents to (B, 3, H, W) in about [-1, 1]."""
-        return self.module.decode(latents / self.scaling_factor).sample
+        dtype = latents.dtype
+        return self.module.decode(self._prepare(latents / self.scaling_factor)).sample.to(dtype)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast and x.dtype != torch.float32:
+            if self.module.dtype != torch.float32:
+                self.module.to(torch.float32)
+            return x.float()
+        return x

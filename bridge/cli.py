@@ -1,12 +1,16 @@
-"""The `sdbridge` command: `serve` runs the daemon, `demo` shows it working end to end.
+"""The `sdbridge` command: `serve` runs the daemon, `demo` shows it working end to end, `models` lists
+what the models folders hold.
 
-Every setting (bridge/config.py) and every parameter (bridge/params.py) is also a flag, derived from
-those declarations: `osc_port` is `--osc-port`, `prompt` is `--prompt`.
+Every setting (bridge/config.py) and every scalar parameter (bridge/params.py) is also a flag, derived
+from those declarations: `osc_port` is `--osc-port`, `prompt` is `--prompt`, the list `models_dir` is
+the repeatable `--models-dir`, the switch `allow_pickle` is `--allow-pickle`. List parameters (`prompts`,
+`seeds`, ...) and LoRA weights are set in the config file or live.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -32,6 +36,28 @@ def _parse_bool(text: str) -> bool:
 
 
 _METAVAR = {int: "N", float: "X", str: "TEXT", bool: "0|1"}
+_SCALARS = (int, float, str, bool)
+
+
+def _flag_params() -> tuple[params.Param, ...]:
+    """The parameters that get a flag: scalars only; lists are set in the config file or live."""
+    return tuple(p for p in config.initial_params() if p.kind in _SCALARS)
+
+
+def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    kind = type(f.default)
+    help_text = f"{f.metadata['doc']} (default: {f.default!r})".replace("%", "%%")
+    if kind is tuple:  # a list: the flag repeats
+        group.add_argument(_flag(f.name), dest=f.name, action="append", default=None,
+                           metavar=f.metadata.get("metavar") or "TEXT", help=help_text + "; repeatable")
+    elif kind is bool:  # a switch: --allow-pickle / --no-allow-pickle
+        group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+    else:
+        choices = f.metadata.get("choices") or None
+        group.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, default=None,
+                           metavar=None if choices else (f.metadata.get("metavar") or _METAVAR[kind]),
+                           help=help_text)
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
@@ -39,20 +65,16 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                         "(see configs/default.toml); flags override it")
     group = parser.add_argument_group("settings")
     for f in dataclasses.fields(config.Settings):
-        kind: Callable[[str], Any] = type(f.default)
-        choices = f.metadata.get("choices") or None
-        group.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, default=None,
-                           metavar=None if choices else _METAVAR[kind],
-                           help=f"{f.metadata['doc']} (default: {f.default})")
+        _add_setting(group, f)
     group = parser.add_argument_group("initial parameters (also playable over OSC as /<name>)")
-    for p in params.PARAMS:
-        kind = _parse_bool if p.kind is bool else p.kind
+    for p in _flag_params():
+        kind: Callable[[str], Any] = _parse_bool if p.kind is bool else p.kind
         group.add_argument(_flag(p.name), dest=p.name, type=kind, default=None, choices=p.choices or None,
                            metavar=None if p.choices else _METAVAR[p.kind], help=f"{p.doc} (default: {p.default!r})")
 
 
 def _settings_from(args: argparse.Namespace) -> tuple[config.Settings, dict[str, Any]]:
-    names = [f.name for f in dataclasses.fields(config.Settings)] + [p.name for p in params.PARAMS]
+    names = [f.name for f in dataclasses.fields(config.Settings)] + [p.name for p in _flag_params()]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return config.load(args.config, overrides)
 
@@ -70,11 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=12.0, help="how long to stream (default: 12)")
     demo.add_argument("--out", default=".", metavar="DIR", help="folder for sdbridge-demo.png (default: .)")
     _add_flags(demo)
+    models = sub.add_parser("models", help="list the models, LoRAs, VAEs, TAESDs, ControlNets and embeddings "
+                            "in the models folders",
+                            description="List what the models folders hold, by the names serve, /model, /vae "
+                            "and <lora:...> take; checkpoints with their architecture, read from the file "
+                            "header only.")
+    models.add_argument("--models-dir", dest="models_dir", action="append", default=None, metavar="DIR",
+                        help="an A1111 or ComfyUI install (or its models/ folder) or a folder of checkpoints; "
+                        "repeatable (default: models_dir from --config)")
+    models.add_argument("--config", metavar="FILE", help="TOML file whose models_dir and allow_pickle are used")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
+                        help="show pickle files as loadable (as serve --allow-pickle would load them)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return _models(args)
     try:
         settings, initial = _settings_from(args)
     except config.ConfigError as e:
@@ -137,6 +173,121 @@ def _demo(settings: config.Settings, initial: dict[str, Any], seconds: float, ou
         return 130
     print(result.summary(), flush=True)
     return 0 if result.frames > 0 else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k) for k in ("models_dir", "allow_pickle") if getattr(args, k) is not None}
+    try:
+        settings, _ = config.load(args.config, overrides)
+    except config.ConfigError as e:
+        print(f"sdbridge: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from engines import folders as model_folders  # torch loads here
+    from engines.bundle import ModelError
+
+    try:
+        found = model_folders.ModelFolders(settings.models_dir)
+        listing = _listing(found, settings.allow_pickle)
+    except ModelError as e:
+        print(f"sdbridge: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(listing, indent=2, ensure_ascii=False))
+    elif not found:
+        print(NO_FOLDERS)
+    else:
+        print(_table(listing))
+    return 0
+
+
+NO_FOLDERS = ("no models folders given: sdbridge models --models-dir DIR (an A1111 or ComfyUI install, its "
+              "models/ folder, or a folder of checkpoints; repeat it for several), or models_dir = [\"DIR\"] in "
+              "a file given with --config")
+
+
+def _listing(found: Any, allow_pickle: bool) -> dict[str, Any]:
+    """Everything the folders hold, as plain data: {"folders": [...], "kinds": {kind: [entry, ...]},
+    "hidden": {kind: [entries whose name an earlier one took]}}."""
+    from engines import folders as model_folders
+
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    hidden: dict[str, list[dict[str, str]]] = {}
+    for kind in model_folders.KINDS:
+        rows = []
+        for entry in found.list(kind):
+            row: dict[str, Any] = {"name": entry.name, "path": str(entry.path), "folder": str(entry.root),
+                                   "format": entry.format, "pickle": entry.pickle, "size_bytes": entry.size_bytes}
+            if entry.pickle:
+                row["loadable"] = allow_pickle
+            if kind == model_folders.CHECKPOINTS:
+                row["arch"], row["arch_reason"] = _architecture(entry)
+            rows.append(row)
+        kinds[kind] = rows
+        hidden[kind] = [{"name": e.name, "path": str(e.path)} for e in found.hidden(kind)]
+    return {"folders": [{"path": str(layout.path), "layout": layout.kind,
+                         "kinds": {k: [str(r) for r in roots] for k, roots in layout.roots.items()}}
+                        for layout in found.layouts],
+            "kinds": kinds, "hidden": {k: v for k, v in hidden.items() if v}}
+
+
+def _architecture(entry: Any) -> tuple[str, str]:
+    """A checkpoint's architecture from its header or config (no weights read), or "?" and why not."""
+    from engines.bundle import ModelError
+
+    if entry.format == "diffusers":
+        from engines import registry
+        return registry.folder_arch(entry.path), ""
+    if entry.pickle:
+        return "?", "pickle: its architecture is only known once it is loaded"
+    try:
+        from engines import checkpoints
+        from engines.weights import read_safetensors_header
+    except ImportError as e:
+        return "?", f"cannot inspect checkpoints here ({e})"
+    try:
+        shapes, metadata = read_safetensors_header(entry.path)
+        return checkpoints.detect_architecture(shapes, metadata), ""
+    except ModelError as e:
+        return "?", str(e)
+
+
+def _table(listing: dict[str, Any]) -> str:
+    """For people: one aligned table per kind, with the folder each entry came from."""
+    folders = ", ".join(f"{f['path']} ({f['layout']})" for f in listing["folders"])
+    lines = [f"models folders: {folders}"]
+    for kind, rows in listing["kinds"].items():
+        lines += ["", f"{kind} ({len(rows)})"]
+        if not rows:
+            continue
+        checkpoints = kind == "checkpoints"
+        table = [["NAME", *(["ARCH"] if checkpoints else []), "FORMAT", "SIZE", "FOLDER"]]
+        notes: dict[int, str] = {}
+        for row in rows:
+            fmt = row["format"]
+            if row["pickle"]:
+                fmt += " (allowed)" if row.get("loadable") else " (needs --allow-pickle)"
+            if checkpoints and row.get("arch_reason"):
+                notes[len(table)] = f"? {row['arch_reason']}"
+            table.append([row["name"], *([row["arch"]] if checkpoints else []), fmt, _size(row["size_bytes"]),
+                          row["folder"]])
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+        for n, r in enumerate(table):
+            cells = [c.rjust(w) if i == len(widths) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+            lines.append("  " + "  ".join([*cells, r[-1]]))
+            if n in notes:
+                lines.append("      " + notes[n])
+        for row in listing["hidden"].get(kind, ()):
+            lines.append(f"  hidden: {row['path']} (an entry above has the name {row['name']!r})")
+    return "\n".join(lines)
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
 
 
 if __name__ == "__main__":

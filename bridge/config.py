@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,29 @@ class ConfigError(ValueError):
     """A config file or flag the daemon cannot use; the message says which and why."""
 
 
-def _setting(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+def _setting(default: Any, doc: str, choices: tuple[str, ...] = (), metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": choices, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = _setting("tiny", "Model: `tiny` (built-in test model) or the path of a diffusers model folder.")
+    model: str = _setting("tiny", "Model: `tiny` or `tiny-xl` (built-in test models), a name from the models "
+                          "folders (`sdbridge models` lists them), or the path of a diffusers model folder or a "
+                          ".safetensors checkpoint.")
+    models_dir: tuple[str, ...] = _setting(
+        (), "Models folders: AUTOMATIC1111 or ComfyUI installs (or their models/ folders) or plain folders of "
+        "checkpoints; several may be given (the flag repeats). Models, LoRAs, VAEs, TAESDs and embeddings are "
+        "found there by name.", metavar="DIR")
+    allow_pickle: bool = _setting(
+        False, "Load pickle weight files (.ckpt, .pt, .pth, .bin). A pickle can run code when it is loaded, "
+        "so they are refused unless you trust where they came from; even then they are read with "
+        "torch.load(weights_only=True). Prefer .safetensors.")
+    styles_file: str = _setting("", "A1111 styles.csv whose styles the `styles` parameter applies; empty: none.",
+                                metavar="FILE")
+    stream_batch: bool = _setting(
+        False, "true runs all denoising steps of in-flight frames in one UNet call (StreamDiffusion's stream "
+        "batch): higher fps with several steps, but each output is steps-1 frames behind its input; false "
+        "renders each frame completely before the next (no lag).")
     instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
     host: str = _setting("127.0.0.1", "Address the OSC server binds to. Keep 127.0.0.1 unless the network is trusted.")
     osc_port: int = _setting(9100, "UDP port for OSC control (0 picks a free port).")
@@ -56,6 +73,10 @@ class Settings:
     log_level: str = _setting("info", "Log level.", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
+        # lists from TOML or the command line become tuples (the settings are a frozen snapshot); ~ expands
+        object.__setattr__(self, "models_dir", tuple(os.path.expanduser(str(d)) for d in self.models_dir))
+        if self.styles_file:
+            object.__setattr__(self, "styles_file", os.path.expanduser(self.styles_file))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -76,24 +97,45 @@ SETTING_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 def split(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate settings from initial parameter values; unknown keys are an error."""
+    """Separate settings from initial parameter values; unknown keys are an error.
+
+    A TOML table is a parameter family: `[lora]` with `detail = 0.6` is the parameter `lora/detail`."""
     settings, initial = {}, {}
     for key, value in values.items():
         if key in SETTING_FIELDS:
-            expected = type(SETTING_FIELDS[key].default)
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-                raise ConfigError(f"{key} = {value!r}: expected {expected.__name__}")
-            settings[key] = value
-        elif key in params.BY_NAME:
+            settings[key] = _setting_value(key, value)
+        elif isinstance(value, Mapping):
+            for name, item in value.items():
+                initial.update(split({f"{key}/{name}": item})[1])
+        else:
             try:
-                initial[key] = params.BY_NAME[key].coerce(value)
+                param = params.lookup(key)
+            except params.ParamError:
+                raise ConfigError(f"unknown setting {key!r}") from None
+            try:
+                initial[key] = param.coerce(value)
             except params.ParamError as e:
                 raise ConfigError(str(e)) from None
-        else:
-            raise ConfigError(f"unknown setting {key!r}")
     return settings, initial
+
+
+def _setting_value(key: str, value: Any) -> Any:
+    expected = type(SETTING_FIELDS[key].default)
+    if expected is tuple:  # a list of strings (folders)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of strings, e.g. {key} = [\"D:/models\"]")
+        return tuple(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+        raise ConfigError(f"{key} = {value!r}: expected {expected.__name__}")
+    return value
+
+
+def initial_params() -> tuple[params.Param, ...]:
+    """The parameters a config file or flag sets; one that is also a setting (`model`) is set through
+    the setting, which the daemon makes its initial value."""
+    return tuple(p for p in params.PARAMS if p.name not in SETTING_FIELDS)
 
 
 def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> tuple[Settings, dict[str, Any]]:
@@ -117,6 +159,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -134,13 +178,20 @@ def render_default_toml() -> str:
         doc = f.metadata["doc"] + (f" One of: {', '.join(choices)}." if choices else "")
         lines += [f"# {doc}", f"{f.name} = {_toml_value(f.default)}", ""]
     lines.append("# ---- parameters: initial values; play them live over OSC as /<name>")
-    for p in params.PARAMS:
+    for p in initial_params():
         extra = []
         if p.ranged:
             extra.append(f"Range {p.minimum} to {p.maximum}.")
         if p.choices:
             extra.append(f"One of: {', '.join(p.choices)}.")
         lines += [f"# {' '.join([p.doc, *extra])}", f"{p.name} = {_toml_value(p.default)}", ""]
+    lines += [
+        "# ---- LoRA weights: a table of LoRA names (as `sdbridge models` lists them) and initial weights,",
+        "# played live over OSC as /lora/<name>. Must come after every key above (a TOML table ends the top level).",
+        "# [lora]",
+        "# \"sd15/detail_tweaker\" = 0.6",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ import threading
 import time
 from typing import Any, Mapping
 
-from engines import registry
+from engines import prompt_syntax, registry
+from engines.bundle import ModelError
+from engines.folders import ModelFolders
 from engines.stream import Stream
 
 from . import osc, params, shm
@@ -33,14 +35,18 @@ class Daemon:
         self.settings = settings
         self.output = output_format(settings.output_dtype, settings.output_channels, settings.output_order,
                                     settings.output_origin)
-        self.model_name = registry.resolve(settings.model)  # fail fast, before anything is created
+        self.folders = ModelFolders(settings.models_dir)
+        # fail fast, before anything is created
+        self.model_name = registry.resolve(settings.model, self.folders, allow_pickle=settings.allow_pickle)
         self.device = registry.pick_device(settings.device)
         self.dtype = registry.pick_dtype(settings.dtype, self.device)
-        self.store = StateStore(initial, check=self._check_output_fits)
+        self.styles = prompt_syntax.load_styles(settings.styles_file) if settings.styles_file else {}
         self.name_in, self.name_out = shm.segment_names(settings.instance)
         self.ring_in: shm.Ring | None = None
         self.ring_out: shm.Ring | None = None
         self.loop: RenderLoop | None = None
+        self.store: StateStore | None = None
+        self.store = StateStore({"model": settings.model, **(initial or {})}, check=self._check)
         self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
         self.osc_port = settings.osc_port
         self.errors = 0
@@ -62,7 +68,8 @@ class Daemon:
         capacity = shm.slot_capacity_for(s.max_width, s.max_height, 4, 4)
         self.ring_in = shm.Ring.create(self.name_in, capacity, s.slot_count, writer=False)
         self.ring_out = shm.Ring.create(self.name_out, capacity, s.slot_count)
-        self.loop = RenderLoop(load_stream=self._load_stream, store=self.store, ring_in=self.ring_in,
+        self.loop = RenderLoop(load_stream=self._load_stream, load_autoencoder=self._load_autoencoder,
+                               store=self.store, ring_in=self.ring_in,
                                ring_out=self.ring_out, output=self.output, report_error=self.report_error)
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="sdbridge-io", daemon=True)
@@ -135,16 +142,44 @@ class Daemon:
         self.stop()
 
     # ------------------------------------------------------------------ parts
-    def _load_stream(self) -> Stream:
+    def _load_stream(self, name: str, vae: str) -> Stream:
+        """Load a model and make its stream (on the render thread at start, on a worker later)."""
+        s = self.settings
         started = time.monotonic()
-        log.info("loading model %s on %s (%s)", self.model_name, self.device, str(self.dtype).replace("torch.", ""))
-        model = registry.load(self.model_name, self.device, self.dtype)
+        log.info("loading model %s on %s (%s)", name, self.device, str(self.dtype).replace("torch.", ""))
+        model = registry.load(name, self.device, self.dtype, folders=self.folders, allow_pickle=s.allow_pickle,
+                              vae=vae)
         if model.test_model:
             log.warning("model %r is a test model with toy weights: its images mean nothing. "
-                        "Use --model PATH for pictures.", model.name)
-        stream = Stream(model, self.device, self.dtype, self.settings.prompt_cache_size)
-        log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
+                        "Use --model NAME or PATH for pictures.", model.name)
+        stream = Stream(model, self.device, self.dtype, s.prompt_cache_size, stream_batch=s.stream_batch,
+                        styles=self.styles, embeddings=self.folders.embeddings(),
+                        find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle)
+        log.info("model %s (%s, %s) ready in %.1f s", model.name, model.arch, stream.model.autoencoder.name,
+                 time.monotonic() - started)
         return stream
+
+    def _load_autoencoder(self, stream: Stream, vae: str) -> Any:
+        return registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
+                                         allow_pickle=self.settings.allow_pickle)
+
+    def _check(self, values: Mapping[str, Any]) -> None:
+        """Checks that need the daemon: the output fits the ring; names from the network exist in the
+        models folders (and never outside them)."""
+        self._check_output_fits(values)
+        current = self.store.snapshot().values if self.store is not None else {}
+        serving = self.loop.serving if self.loop is not None else ("", "")
+        try:
+            if values["model"] not in (current.get("model"), serving[0], self.settings.model):
+                registry.resolve(values["model"], self.folders, from_network=True,
+                                 allow_pickle=self.settings.allow_pickle)
+            if values["vae"] not in (current.get("vae"), serving[1], *registry.VAE_CHOICES):
+                registry.find_autoencoder(values["vae"], self.folders)
+            for lora in params.lora_weights(values):
+                if params.LORA_PREFIX + lora not in current:
+                    self.folders.find("loras", lora)
+        except ModelError as e:
+            raise params.ParamError(str(e)) from None
 
     def _check_output_fits(self, values: Mapping[str, Any]) -> None:
         needed = values["width"] * values["height"] * self.output.channels * self.output.dtype.itemsize
@@ -196,6 +231,8 @@ class Daemon:
             t.send("fps", float(stats.fps))
             t.send("latency_ms", float(stats.latency_ms))
             t.send("frame", int(stats.frames))
+            t.send("skipped", int(stats.skipped))
+            t.send("loading", self.loop.loading)
 
 
 def _refuse_if_served(name_out: str, instance: str) -> None:

@@ -2,8 +2,13 @@
 
 Latest frame wins: the loop always takes the newest input and drops older ones, so latency never
 queues up. It renders when a new input frame arrives, when the state changed (the last input is
-rendered again with the new state), and every frame in txt2img with seed -1. Nothing that goes wrong
-inside a frame stops the loop: the error is reported and the stream carries on with the next frame.
+rendered again with the new state), every frame in txt2img with seed -1, and while the stream itself
+wants frames (a transition easing in, stream-batch frames in flight). Nothing that goes wrong inside a
+frame stops the loop: the error is reported and the stream carries on with the next frame.
+
+Model and autoencoder switches (/model, /vae) load in the background while the current stream keeps
+serving; the new one is swapped in at a frame boundary, and a failed load leaves the current one
+serving and the state saying so.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,13 +25,14 @@ import torch
 from engines.frames import OutputFormat, to_client_pixels, to_model_image
 from engines.stream import TXT2IMG, Stream, StreamSettings
 
-from . import shm
+from . import params, shm
+from .background import BackgroundLoad
 from .state import Snapshot, StateStore
 
 log = logging.getLogger(__name__)
 
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
-_STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings))
+_STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings) if f.name != "loras")
 _ERROR_BACKOFF_S = 0.05
 # Longest input side accepted. A frame within the slot's bytes can still be absurdly shaped
 # (2,000,000 x 1), and resizing that costs seconds and gigabytes; no camera or TOP sends one.
@@ -35,7 +41,8 @@ MAX_INPUT_SIDE = 8192
 
 def stream_settings(snapshot: Snapshot) -> StreamSettings:
     """The engine's view of a parameter snapshot (the names are the same by design)."""
-    return StreamSettings(**{name: snapshot[name] for name in _STREAM_FIELDS})
+    loras = tuple(sorted(params.lora_weights(snapshot.values).items()))
+    return StreamSettings(**{name: snapshot[name] for name in _STREAM_FIELDS}, loras=loras)
 
 
 class Stats:
@@ -70,13 +77,23 @@ class Stats:
             self._written.popleft()
 
 
-class RenderLoop:
-    """Owns the render thread. `load_stream` runs on that thread, so slow loading never blocks I/O."""
+# Loads a stream for (model name, vae choice); loads an autoencoder for a stream and a vae choice.
+LoadStream = Callable[[str, str], Stream]
+LoadAutoencoder = Callable[[Stream, str], Any]
 
-    def __init__(self, *, load_stream: Callable[[], Stream], store: StateStore, ring_in: shm.Ring,
-                 ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
+
+class RenderLoop:
+    """Owns the render thread. The first model loads on that thread, so slow loading never blocks I/O;
+    later switches load on a background worker."""
+
+    def __init__(self, *, load_stream: LoadStream, load_autoencoder: LoadAutoencoder, store: StateStore,
+                 ring_in: shm.Ring, ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
                  poll_interval: float = 0.001):
         self._load_stream = load_stream
+        self._load_autoencoder = load_autoencoder
+        self._loads = BackgroundLoad()
+        self.serving: tuple[str, str] = ("", "")  # (model, vae) of the stream that serves
+        self._failed: tuple[str, str] | None = None  # the last background load that failed
         self.store = store
         self.ring_in = ring_in
         self.ring_out = ring_out
@@ -100,6 +117,7 @@ class RenderLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._loads.join(0)  # a load in progress finishes on its own (daemon thread); never wait for it
         if self._thread.ident is None:  # never started (the daemon failed before it got that far)
             return
         self._thread.join(timeout)
@@ -107,9 +125,17 @@ class RenderLoop:
             log.warning("render thread did not stop within %.0f s", timeout)
 
     # ------------------------------------------------------------------ thread
+    @property
+    def loading(self) -> str:
+        """What is being loaded in the background ("model NAME", "vae NAME"), or ""."""
+        pending = self._loads.pending
+        return f"{pending[0]} {pending[1]}" if pending else ""
+
     def _run(self) -> None:
+        snap = self.store.snapshot()
         try:
-            self.stream = self._load_stream()
+            self.stream = self._load_stream(snap["model"], snap["vae"])
+            self.serving = (snap["model"], snap["vae"])
         except Exception as e:  # the daemon stays up and says why; a later model switch may succeed
             self.stats.status = ERROR
             self.report_error(f"model failed to load: {e}")
@@ -135,9 +161,54 @@ class RenderLoop:
     def _idle(self) -> None:
         self.store.wait_for_change(self.store.version, self.poll_interval)
 
+    def _switch(self, snap: Snapshot) -> None:
+        """Swap in a finished background load, and start the one the state asks for."""
+        finished = self._loads.take()
+        if finished is not None:
+            kind, name = finished.key
+            if finished.error is not None:
+                self.report_error(f"{kind} {name!r} failed to load, keeping {self.serving[0 if kind == 'model' else 1]!r}: "
+                                  f"{finished.error}")
+                self._failed = finished.key  # not retried until something else is asked for
+                if self.store.snapshot()[kind] == name:  # still asked for: say in the state what serves
+                    try:
+                        self.store.apply({"model": self.serving[0], "vae": self.serving[1]})
+                    except params.ParamError as e:
+                        log.warning("could not restore the state's model and vae: %s", e)
+                snap = self.store.snapshot()
+            elif kind == "model":
+                old, (self.stream, vae) = self.stream, finished.result
+                self.serving = (name, vae)
+                self._rendered_version = 0  # render the last input again with the new model
+                del old
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.info("now serving model %s", name)
+            else:
+                self.stream.set_autoencoder(finished.result)
+                self.serving = (self.serving[0], name)
+                self._rendered_version = 0
+                log.info("now using autoencoder %s", name)
+        model, vae = snap["model"], snap["vae"]
+        if (model, vae) == self.serving:
+            self._failed = None
+            return
+        if model != self.serving[0]:
+            key, job = ("model", model), (lambda: (self._load_stream(model, vae), vae))
+        else:
+            stream = self.stream
+            key, job = ("vae", vae), (lambda: self._load_autoencoder(stream, vae))
+        if key == self._failed:
+            return
+        self._failed = None
+        if self._loads.pending != key:
+            log.info("loading %s %s in the background", *key)
+            self._loads.submit(key, job)
+
     def _step(self) -> bool:
         """Render one frame if there is something new to render; False when idle."""
         snap = self.store.snapshot()
+        self._switch(snap)
         if snap["pause"]:
             self.stats.status = PAUSED
             self._take_input()  # keep draining so that resuming starts from the newest frame
@@ -146,16 +217,17 @@ class RenderLoop:
         new_input = self._take_input()
         txt2img = snap["mode"] == TXT2IMG
         state_changed = snap.version != self._rendered_version
+        stream = self.stream
+        busy = stream.wants_frame
         if txt2img:
-            if not (state_changed or snap["seed"] < 0):
+            if not (state_changed or busy or (snap["seed"] < 0 and not snap["seeds"])):
                 return False
-        elif self._last_input is None or not (new_input or state_changed):
+        elif self._last_input is None or not (new_input or state_changed or busy):
             return False
 
         # Whatever happens below, this state and input count as tried: a failure is retried with the
         # next frame or state change, not in a busy loop.
         self._rendered_version = snap.version
-        stream = self.stream
         settings = stream_settings(snap)
         if settings != stream.settings:
             stream.prepare(settings)
@@ -165,12 +237,13 @@ class RenderLoop:
             image = to_model_image(frame.pixels, bgr=frame.bgr, bottom_left=frame.bottom_left,
                                    width=settings.width, height=settings.height,
                                    device=stream.device, dtype=stream.dtype)
-            if not state_changed and self._similar(image, snap["similarity_threshold"]):
+            if not (state_changed or busy) and self._similar(image, snap["similarity_threshold"]):
                 self.stats.skipped += 1
                 return True
         started_ns = time.monotonic_ns()
-        result = stream.render(image)
+        result = stream.render(image, tag=frame)
         pixels = to_client_pixels(result, self.output)
+        frame = stream.output_tag  # stream batch: the output belongs to an earlier input
         source_ns = frame.source_ns if frame is not None else started_ns
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
                             source_ns=source_ns, state_version=snap.version)

@@ -48,16 +48,25 @@ def message_changes(address: str, args: list[Any]) -> dict[str, Any]:
             raise OscError(f"{address} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
         return params.validate(zip(names, args))
     if address.startswith(NORM_PREFIX):
-        param = params.BY_NAME.get(address[len(NORM_PREFIX):])
+        param = _param(address[len(NORM_PREFIX):])
         if param is None or not param.ranged:
             raise OscError(f"unknown OSC address {address}: /norm/ takes a ranged numeric parameter")
         _expect_one(address, args)
         return {param.name: param.from_norm(args[0])}
-    param = params.BY_NAME.get(address[1:]) if address.startswith("/") else None
+    param = _param(address[1:]) if address.startswith("/") else None
     if param is None:
         raise OscError(f"unknown OSC address {address}")
+    if param.kind is tuple:  # list parameters take all the arguments: /prompts s f s f, /t_index_list i i
+        return {param.name: param.coerce(args)}
     _expect_one(address, args)
     return {param.name: param.coerce(args[0])}
+
+
+def _param(name: str) -> params.Param | None:
+    try:
+        return params.lookup(name)
+    except params.ParamError:
+        return None
 
 
 def _expect_one(address: str, args: list[Any]) -> None:
@@ -155,6 +164,7 @@ def describe_addresses() -> Iterable[str]:
     """Every OSC address the daemon accepts, for help text and docs."""
     for p in params.PARAMS:
         yield f"/{p.name}"
+    yield f"/{params.LORA_PREFIX}<name>"
     yield from COMPOSITE
     for p in params.PARAMS:
         if p.ranged:

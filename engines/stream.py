@@ -1,33 +1,56 @@
 """The per-frame pipeline: encode, noise, denoise, decode. Reads top to bottom as the algorithm.
 
-`Stream.prepare(settings)` does everything that depends only on the settings (prompt embeddings,
-timesteps and their coefficients, the seed's noise) so that `Stream.render(image)` is pure tensor work
-with no host synchronisation.
+`Stream.prepare(settings)` does everything that depends only on the settings (LoRA weights, prompt
+embeddings and their blend, timesteps and their coefficients, the seed's noise and its blend) so that
+`Stream.render(image)` is pure tensor work with no host synchronisation.
 
 Timesteps. `strength` picks the first timestep on the model's 1000-step training schedule,
 t0 = round(strength * 1000) - 1, continuously, so strength can be played live; `steps` spreads that
 many timesteps evenly from t0 towards 0 (t_i = floor(t0 * (steps - i) / steps)). txt2img starts from
-pure noise at t0 = 999. Each step predicts x0 and applies the latent-consistency boundary condition
-(c_skip, c_out) exactly as diffusers' LCMScheduler does; between steps the x0 estimate is re-noised to
-the next timestep with the seed's own noise. One step from t = 999 is the sd-turbo / SDXL-turbo sampler;
-2 to 4 steps is LCM's. The noise of a seed is fixed (drawn on the CPU from torch.Generator(seed)), so
-the same seed, prompt and frame give the same image on every run.
+pure noise at t0 = 999. Experts may give `t_index_list` instead: indices into a 50-step LCM schedule
+(index i is timestep 999 - 20 i), as StreamDiffusion does. Each step predicts x0 and applies the
+latent-consistency boundary condition (c_skip, c_out) exactly as diffusers' LCMScheduler does; between
+steps the x0 estimate is re-noised to the next timestep with the seed's own noise. One step from
+t = 999 is the sd-turbo / SDXL-turbo sampler; 2 to 4 steps is LCM's. The noise of a seed is fixed
+(drawn on the CPU from torch.Generator(seed)), so the same settings and frame give the same image.
+
+Blends and transitions. A prompt blend mixes the cached embeddings of its prompts by weight; a seed
+blend slerps their noises (and `subseed_strength` slerps in the variation seed's noise, as A1111
+does); both are computed once per change. With `transition_frames` > 0 a change eases in over that
+many frames from what was on screen (embeddings interpolated, noise slerped).
+
+Guidance (`cfg_type`, when guidance_scale > 1). `full` runs the negative prompt as a second batch
+entry: exact classifier-free guidance. `self` is residual CFG (StreamDiffusion's idea): the negative
+prediction is estimated as `delta` times the noise that was actually put into the latent, so guidance
+costs no extra UNet work. `initialize` runs the real negative prediction at the first step only and
+carries its residual (prediction minus injected noise) to the later steps.
+
+Stream batch (`stream_batch=True`): with n steps, the n frames in flight (the new one at t0, older
+ones at later timesteps) are denoised in ONE UNet call per frame, StreamDiffusion's trick for
+throughput; each output then belongs to the input n-1 frames earlier (`output_tag` says which). In
+the default exact mode every frame runs all its steps before the next frame: no lag.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .prompts import PromptEncoder
+from . import prompt_syntax
 from .bundle import ModelBundle
+from .prompts import Conditioning, PromptEncoder
 
 log = logging.getLogger(__name__)
 
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+CFG_TYPES = ("none", "full", "self", "initialize")
+SCHEDULE_INDICES = 50  # t_index_list indexes a 50-step LCM schedule, as StreamDiffusion's does
 
 
 @dataclass(frozen=True)
@@ -36,17 +59,32 @@ class StreamSettings:
 
     prompt: str = ""
     negative_prompt: str = ""
+    prompts: tuple[tuple[str, float], ...] = ()  # blend; empty: `prompt`
+    styles: str = ""  # comma-separated style names
+    clip_skip: int = 1
     seed: int = 0
+    seeds: tuple[tuple[int, float], ...] = ()  # blend; empty: `seed`
+    subseed: int = 0
+    subseed_strength: float = 0.0
+    transition_frames: int = 0
     strength: float = 0.5
     guidance_scale: float = 1.0
     steps: int = 1
+    t_index_list: tuple[int, ...] = ()
+    cfg_type: str = "full"
+    delta: float = 1.0
     mode: str = IMG2IMG
     width: int = 512
     height: int = 512
+    loras: tuple[tuple[str, float], ...] = ()  # (name, weight) from /lora/<name>; prompt tags add to these
 
 
-def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 1000) -> tuple[int, ...]:
+def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 1000,
+                  t_index_list: Sequence[int] = ()) -> tuple[int, ...]:
     """The denoising timesteps for a frame (see the module docstring); empty means no denoising."""
+    if t_index_list:
+        stride = train_steps // SCHEDULE_INDICES
+        return tuple(train_steps - 1 - i * stride for i in t_index_list)
     first = train_steps - 1 if mode == TXT2IMG else min(train_steps - 1, round(strength * train_steps) - 1)
     if first < 0:
         return ()
@@ -56,6 +94,31 @@ def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 100
         if not out or t < out[-1]:
             out.append(t)
     return tuple(out)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors: keeps the noise's spread where a plain
+    mix would shrink it. t = 0 gives `a` and t = 1 gives `b` exactly."""
+    if isinstance(t, float) and t <= 0.0:
+        return a
+    if isinstance(t, float) and t >= 1.0:
+        return b
+    a32, b32 = a.float(), b.float()
+    cos = ((a32 * b32).sum() / (a32.norm() * b32.norm()).clamp_min(1e-12)).clamp(-1.0, 1.0)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    t = torch.as_tensor(t, dtype=torch.float32, device=a.device)
+    # nearly parallel noises: the spherical weights are 0/0, and the linear mix is the same thing
+    parallel = sin < 1e-4
+    wa = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin.clamp_min(1e-4))
+    wb = torch.where(parallel, t, torch.sin(t * theta) / sin.clamp_min(1e-4))
+    return (wa * a32 + wb * b32).to(a.dtype)
+
+
+def _ease(fraction: float) -> float:
+    """Smoothstep: a transition starts and ends gently."""
+    fraction = min(1.0, max(0.0, fraction))
+    return fraction * fraction * (3 - 2 * fraction)
 
 
 @dataclass(frozen=True)
@@ -68,23 +131,56 @@ class _Step:
 
 
 @dataclass(frozen=True)
+class _Look:
+    """What the prompts and seeds resolve to: the part of a plan that a transition eases between."""
+
+    positive: Conditioning
+    negative: Conditioning | None  # None: no negative prompt pass (guidance off, or cfg self)
+    noise: tuple[torch.Tensor, ...] | None  # per step; None: seed -1, new noise every frame
+
+
+@dataclass
 class _Plan:
     settings: StreamSettings
-    embeddings: torch.Tensor  # (1, T, D), or (2, T, D) = [negative, positive] with guidance
-    guidance: bool
+    look: _Look
+    cfg: str  # "none", "full", "self" or "initialize"
     steps: tuple[_Step, ...]
     latent_shape: tuple[int, int, int, int]
-    noise: tuple[torch.Tensor, ...] | None  # None: seed -1, new noise every frame
+    time_ids: torch.Tensor | None  # SDXL size conditioning, (1, 6)
+
+
+@dataclass
+class _Transition:
+    start: _Look
+    frames: int
+    done: int = 0
+
+
+@dataclass
+class _InFlight:
+    """Stream batch: the latents of frames started earlier, one per later step, oldest last."""
+
+    latents: list[torch.Tensor] = field(default_factory=list)
+    tags: list[Any] = field(default_factory=list)
 
 
 class Stream:
     """One model's real-time img2img / txt2img stream on one device."""
 
-    def __init__(self, model: ModelBundle, device: torch.device, dtype: torch.dtype, prompt_cache_size: int = 64):
+    def __init__(self, model: ModelBundle, device: torch.device, dtype: torch.dtype, prompt_cache_size: int = 64,
+                 *, stream_batch: bool = False, styles: Mapping[str, prompt_syntax.Style] | None = None,
+                 embeddings: Mapping[str, Path] | None = None,
+                 find_lora: Callable[[str], Path] | None = None, allow_pickle: bool = False):
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, device, dtype, prompt_cache_size)
+        self.stream_batch = stream_batch
+        self.styles = dict(styles or {})
+        self.find_lora = find_lora
+        self.allow_pickle = allow_pickle
+        self.prompts = PromptEncoder(model, device, dtype, prompt_cache_size, embeddings=embeddings,
+                                     allow_pickle=allow_pickle)
+        self.loras = None  # engines.lora.LoraSet, made when the first LoRA is asked for
         config = model.scheduler.config
         self.prediction_type = config.prediction_type
         self.timestep_scaling = float(getattr(config, "timestep_scaling", 10.0))
@@ -92,10 +188,29 @@ class Stream:
         self.alphas_cumprod = model.scheduler.alphas_cumprod.to(torch.float64)
         self._plan: _Plan | None = None
         self._noise_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._transition: _Transition | None = None
+        self._shown: _Look | None = None  # what the last frame was made with (mid-transition included)
+        self._in_flight = _InFlight()
+        self._flush = 0  # stream batch: renders until the frames in flight are all of the current plan
+        self.output_tag: Any = None  # the tag of the input the last rendered output belongs to
 
     @property
     def settings(self) -> StreamSettings | None:
         return self._plan.settings if self._plan else None
+
+    @property
+    def wants_frame(self) -> bool:
+        """True while the stream would show something new even with no new input: a transition is
+        easing in, or (stream batch) frames started with older settings are still in flight."""
+        return self._transition is not None or (bool(self._in_flight.latents) and self._flush > 0)
+
+    def set_autoencoder(self, autoencoder) -> None:
+        """Swap the autoencoder (a /vae change); the next frame prepares again with it."""
+        self.model.autoencoder = autoencoder
+        self._plan = None
+        self._transition = None
+        self._shown = None
+        self._in_flight = _InFlight()
 
     # ------------------------------------------------------------------ prepare (slow, per change)
     def prepare(self, settings: StreamSettings) -> None:
@@ -103,13 +218,112 @@ class Stream:
         factor = self.model.autoencoder.spatial_factor
         if settings.width % factor or settings.height % factor:
             raise ValueError(f"width and height must be multiples of {factor}")
-        guidance = settings.guidance_scale > 1.0
-        positive = self.prompts.encode(settings.prompt)
-        embeddings = torch.cat([self.prompts.encode(settings.negative_prompt), positive]) if guidance else positive
-        timesteps = timesteps_for(settings.strength, settings.steps, settings.mode, self.train_steps)
-        latent_shape = (1, self.model.autoencoder.latent_channels, settings.height // factor, settings.width // factor)
-        noise = None if settings.seed < 0 else self._seed_noise(settings.seed, latent_shape, max(1, len(timesteps)))
-        self._plan = _Plan(settings, embeddings, guidance, tuple(self._step(t) for t in timesteps), latent_shape, noise)
+        if settings.cfg_type not in CFG_TYPES:
+            raise ValueError(f"cfg_type {settings.cfg_type!r}: expected one of {', '.join(CFG_TYPES)}")
+        previous = self._plan
+        positive_texts, negative_text = self._texts(settings)
+        self._apply_loras(settings, [t for t, _ in positive_texts] + [negative_text])
+        cfg = settings.cfg_type if settings.guidance_scale > 1.0 else "none"
+        timesteps = timesteps_for(settings.strength, settings.steps, settings.mode, self.train_steps,
+                                  settings.t_index_list)
+        latent_shape = (1, self.model.autoencoder.latent_channels, settings.height // factor,
+                        settings.width // factor)
+        look = self._look(settings, positive_texts, negative_text, cfg, latent_shape, max(1, len(timesteps)))
+        plan = _Plan(settings, look, cfg, tuple(self._step(t) for t in timesteps), latent_shape,
+                     self._time_ids(settings) if self.model.xl else None)
+        self._start_transition(previous, plan)
+        if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
+                (plan.steps, plan.latent_shape, plan.settings.mode):
+            self._in_flight = _InFlight()  # in-flight latents of another schedule or size are useless
+        self._flush = len(plan.steps) - 1
+        self._plan = plan
+
+    def _texts(self, settings: StreamSettings) -> tuple[list[tuple[str, float]], str]:
+        """The prompts to encode, with their blend weights, after styles; and the negative prompt."""
+        blend = [(text, w) for text, w in settings.prompts if w > 0] or [(settings.prompt, 1.0)]
+        chosen = [self._style(name) for name in settings.styles.split(",") if name.strip()]
+        negative = settings.negative_prompt
+        if chosen:
+            styled = [prompt_syntax.apply_styles(text, negative, chosen) for text, _ in blend]
+            blend = [(text, w) for (text, _), (_, w) in zip(styled, blend)]
+            negative = styled[0][1]
+        return blend, negative
+
+    def _style(self, name: str) -> prompt_syntax.Style:
+        name = name.strip()
+        if name not in self.styles:
+            known = ", ".join(sorted(self.styles)) or "none (set styles_file)"
+            raise ValueError(f"style {name!r} not found; known: {known}")
+        return self.styles[name]
+
+    def _apply_loras(self, settings: StreamSettings, texts: Sequence[str]) -> None:
+        """LoRA weights: the /lora/<name> values, overridden by <lora:name:w> tags in the prompts."""
+        weights = dict(settings.loras)
+        for text in texts:
+            weights.update(prompt_syntax.parse(text).loras)
+        wanted = {name: w for name, w in weights.items() if w != 0.0}
+        if self.loras is None:
+            if not wanted:
+                return
+            from .lora import LoraSet  # peft is imported only when a LoRA is used
+            self.loras = LoraSet(self.model)
+        for name in wanted:
+            if name not in self.loras.loaded:
+                if self.find_lora is None:
+                    raise ValueError(f"LoRA {name!r} asked for, but no models folders with LoRAs are configured")
+                self.loras.load(name, self.find_lora(name), allow_pickle=self.allow_pickle)
+        current = {name: weights.get(name, 0.0) for name in self.loras.loaded}
+        if self.loras.set_weights(current):
+            self.prompts.clear()  # the text encoders changed: cached embeddings are stale
+
+    def _look(self, settings: StreamSettings, positive_texts: list[tuple[str, float]], negative_text: str,
+              cfg: str, latent_shape: tuple[int, ...], count: int) -> _Look:
+        encode = lambda text: self.prompts.encode(text, settings.clip_skip)  # noqa: E731
+        parts = [(encode(text), w) for text, w in positive_texts]
+        positive = _blend(parts, self.prompts, settings.clip_skip)
+        negative = None
+        if cfg in ("full", "initialize"):
+            if self.model.xl and not negative_text:
+                # SDXL was trained with zeroed conditioning for the empty prompt (diffusers'
+                # force_zeros_for_empty_prompt), not with the encoding of ""
+                negative = Conditioning(torch.zeros_like(positive.embeddings), torch.zeros_like(positive.pooled))
+            else:
+                positive, negative = self.prompts.pad_to_match(positive, encode(negative_text), settings.clip_skip)
+        if settings.seed < 0 and not settings.seeds:
+            noise = None
+        else:
+            seeds = [(s, w) for s, w in settings.seeds if w > 0] or [(settings.seed, 1.0)]
+            noise = self._seed_blend(seeds, latent_shape, count)
+            if settings.subseed_strength > 0:
+                variation = self._seed_noise(settings.subseed, latent_shape, count)
+                noise = tuple(slerp(n, v, settings.subseed_strength) for n, v in zip(noise, variation))
+        return _Look(positive, negative, noise)
+
+    def _seed_blend(self, seeds: list[tuple[int, float]], shape: tuple[int, ...], count: int) -> tuple[torch.Tensor, ...]:
+        """Slerp the seeds' noises by weight, one seed at a time; a single seed is its noise exactly."""
+        noise = self._seed_noise(seeds[0][0], shape, count)
+        total = seeds[0][1]
+        for seed, weight in seeds[1:]:
+            other = self._seed_noise(seed, shape, count)
+            t = weight / (total + weight)
+            noise = tuple(slerp(a, b, t) for a, b in zip(noise, other))
+            total += weight
+        return noise
+
+    def _start_transition(self, previous: _Plan | None, plan: _Plan) -> None:
+        frames = plan.settings.transition_frames
+        start = self._shown
+        if previous is None or frames <= 0 or start is None or not _can_ease(start, plan.look):
+            self._transition = None
+            return
+        if _same_look(start, plan.look):
+            return  # nothing the transition eases changed (say, only strength): keep any running one
+        self._transition = _Transition(start, frames)
+
+    def _time_ids(self, settings: StreamSettings) -> torch.Tensor:
+        # SDXL's micro-conditioning: original size, crop top-left, target size (diffusers' defaults)
+        h, w = settings.height, settings.width
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
 
     def _step(self, t: int) -> _Step:
         alpha = float(self.alphas_cumprod[t])
@@ -129,49 +343,191 @@ class Stream:
             generator = torch.Generator("cpu").manual_seed(seed)
             hit = tuple(torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
                         for _ in range(count))
-            if len(self._noise_cache) >= 16:
+            if len(self._noise_cache) >= 32:
                 self._noise_cache.pop(next(iter(self._noise_cache)))
             self._noise_cache[key] = hit
         return hit
 
     # ------------------------------------------------------------------ render (per frame)
     @torch.inference_mode()
-    def render(self, image: torch.Tensor | None) -> torch.Tensor:
-        """One frame: a (1, 3, H, W) image in [-1, 1] (None for txt2img) to a (1, 3, H, W) image in [0, 1]."""
+    def render(self, image: torch.Tensor | None, tag: Any = None) -> torch.Tensor:
+        """One frame: a (1, 3, H, W) image in [-1, 1] (None for txt2img) to a (1, 3, H, W) image in
+        [0, 1]. `tag` travels with the frame; `output_tag` is the tag of the frame the output shows."""
         plan = self._plan
         if plan is None:
             raise RuntimeError("Stream.prepare() must run before render()")
-        noise = plan.noise or self._seed_noise(random.randrange(2**31), plan.latent_shape, max(1, len(plan.steps)))
+        look = self._current_look(plan)
+        noise = look.noise or self._seed_noise(random.randrange(2**31), plan.latent_shape, max(1, len(plan.steps)))
         if plan.settings.mode == TXT2IMG:
-            latents = noise[0]
+            clean = None
         else:
             if image is None:
                 raise ValueError("img2img needs an input image")
-            latents = self.model.autoencoder.encode(image)
-            if plan.steps:
-                first = plan.steps[0]
-                latents = first.sqrt_alpha * latents + first.sqrt_beta * noise[0]
-        for i, step in enumerate(plan.steps):
-            denoised = self._denoise(latents, step, plan)
-            if i + 1 < len(plan.steps):
-                nxt = plan.steps[i + 1]
-                latents = nxt.sqrt_alpha * denoised + nxt.sqrt_beta * noise[i + 1]
-            else:
-                latents = denoised
+            clean = self.model.autoencoder.encode(image)
+        if not plan.steps:  # strength 0: the input through the autoencoder
+            latents = clean
+            self.output_tag = tag
+        elif self.stream_batch and len(plan.steps) > 1:
+            latents = self._denoise_in_flight(clean, noise, look, plan, tag)
+        else:
+            latents = self._denoise_frame(clean, noise, look, plan)
+            self.output_tag = tag
         decoded = self.model.autoencoder.decode(latents)
         return (decoded / 2 + 0.5).clamp(0, 1)
 
-    def _denoise(self, latents: torch.Tensor, step: _Step, plan: _Plan) -> torch.Tensor:
-        """One consistency step: the model's x0 estimate at `step`, with LCM's boundary condition."""
-        model_input = torch.cat([latents, latents]) if plan.guidance else latents
-        out = self.model.unet(model_input, step.timestep, encoder_hidden_states=plan.embeddings).sample
-        if plan.guidance:
-            negative, positive = out.chunk(2)
-            out = negative + plan.settings.guidance_scale * (positive - negative)
+    def _current_look(self, plan: _Plan) -> _Look:
+        transition = self._transition
+        if transition is None:
+            look = plan.look
+        else:
+            transition.done += 1
+            if transition.done >= transition.frames:  # the last frame of a transition is the target exactly
+                look, self._transition = plan.look, None
+            else:
+                look = _mix_looks(transition.start, plan.look, _ease(transition.done / transition.frames))
+        self._shown = look
+        return look
+
+    def _noised(self, clean: torch.Tensor | None, noise: torch.Tensor, step: _Step) -> torch.Tensor:
+        """The latent at `step`'s timestep: the clean latent with the step's noise, or pure noise."""
+        if clean is None:
+            return noise  # txt2img: the first step is at t = 999, where the latent is all noise
+        return step.sqrt_alpha * clean + step.sqrt_beta * noise
+
+    def _denoise_frame(self, clean: torch.Tensor | None, noise: tuple[torch.Tensor, ...], look: _Look,
+                       plan: _Plan) -> torch.Tensor:
+        """Exact mode: all steps of this frame, one after the other."""
+        latents = self._noised(clean, noise[0], plan.steps[0])
+        residual = None
+        for i, step in enumerate(plan.steps):
+            denoised, residual = self._denoise(latents, [step], [noise[i]], look, plan, first=i == 0,
+                                               residual=residual)
+            if i + 1 < len(plan.steps):
+                latents = self._noised(denoised, noise[i + 1], plan.steps[i + 1])
+            else:
+                latents = denoised
+        return latents
+
+    def _denoise_in_flight(self, clean: torch.Tensor | None, noise: tuple[torch.Tensor, ...], look: _Look,
+                           plan: _Plan, tag: Any) -> torch.Tensor:
+        """Stream batch: the new frame at the first step and the older frames at their later steps, in
+        one UNet call; returns the oldest frame, now fully denoised."""
+        steps, n = plan.steps, len(plan.steps)
+        flight = self._in_flight
+        new = self._noised(clean, noise[0], steps[0])
+        if not flight.latents:
+            # Start-up: pretend the earlier frames were this one, so the first outputs are real images
+            # rather than the noise a zero-filled pipeline would show.
+            start = clean if clean is not None else noise[0]
+            flight.latents = [self._noised(start, noise[j], steps[j]) for j in range(1, n)]
+            flight.tags = [tag] * (n - 1)
+        batch = torch.cat([new, *flight.latents])
+        denoised, _ = self._denoise(batch, list(steps), list(noise[:n]), look, plan, first=True, residual=None)
+        out = denoised[n - 1:n]
+        self.output_tag = flight.tags[-1]
+        flight.latents = [self._noised(denoised[j:j + 1], noise[j + 1], steps[j + 1]) for j in range(n - 1)]
+        flight.tags = [tag, *flight.tags[:-1]]
+        self._flush = max(0, self._flush - 1)
+        return out
+
+    def _denoise(self, latents: torch.Tensor, steps: list[_Step], injected: list[torch.Tensor], look: _Look,
+                 plan: _Plan, *, first: bool, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One consistency step for a batch of latents, each at its own step: the model's x0 estimate
+        with LCM's boundary condition. `injected` is the noise each latent was made with (residual CFG
+        estimates the negative prediction from it). Returns the estimates and, for cfg `initialize`,
+        the residual its negative pass measured."""
+        b = latents.shape[0]
+        timesteps = torch.stack([s.timestep for s in steps])
+        cond = look.positive
+        cfg = plan.cfg
+        run_negative = cfg == "full" or (cfg == "initialize" and first)
+        model_input, embeds, pooled, times = latents, _repeat(cond.embeddings, b), _repeat(cond.pooled, b), timesteps
+        if run_negative:
+            negatives = b if cfg == "full" else 1  # initialize: the negative of the newest latent only
+            model_input = torch.cat([latents[:negatives], latents])
+            embeds = torch.cat([_repeat(look.negative.embeddings, negatives), embeds])
+            if pooled is not None:
+                pooled = torch.cat([_repeat(look.negative.pooled, negatives), pooled])
+            times = torch.cat([timesteps[:negatives], timesteps])
+        added = None
+        if plan.time_ids is not None:
+            added = {"text_embeds": pooled, "time_ids": plan.time_ids.expand(model_input.shape[0], -1)}
+        out = self.model.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        noise_in = torch.cat(injected).to(out.dtype)
+        if run_negative:
+            negatives = b if cfg == "full" else 1
+            negative, out = out[:negatives], out[negatives:]
+            if cfg == "initialize":
+                residual = negative - noise_in[:1]
+                negative = torch.cat([negative, plan.settings.delta * (noise_in[1:] + residual)])
+        elif cfg == "self":
+            negative = plan.settings.delta * noise_in
+        elif cfg == "initialize":
+            negative = plan.settings.delta * (noise_in + (residual if residual is not None else 0))
+        else:
+            negative = None
+        if negative is not None:
+            out = negative + plan.settings.guidance_scale * (out - negative)
+        view = (b, 1, 1, 1)
+        sqrt_alpha = latents.new_tensor([s.sqrt_alpha for s in steps]).view(view)
+        sqrt_beta = latents.new_tensor([s.sqrt_beta for s in steps]).view(view)
         if self.prediction_type == "epsilon":
-            x0 = (latents - step.sqrt_beta * out) / step.sqrt_alpha
+            x0 = (latents - sqrt_beta * out) / sqrt_alpha
         elif self.prediction_type == "v_prediction":
-            x0 = step.sqrt_alpha * latents - step.sqrt_beta * out
+            x0 = sqrt_alpha * latents - sqrt_beta * out
         else:  # "sample"
             x0 = out
-        return step.c_out * x0 + step.c_skip * latents
+        c_out = latents.new_tensor([s.c_out for s in steps]).view(view)
+        c_skip = latents.new_tensor([s.c_skip for s in steps]).view(view)
+        return c_out * x0 + c_skip * latents, residual
+
+
+def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if t is None or t.shape[0] == n:
+        return t
+    return t.expand(n, *t.shape[1:])
+
+
+def _blend(parts: list[tuple[Conditioning, float]], encoder: PromptEncoder, clip_skip: int) -> Conditioning:
+    """Weighted mean of conditionings; a single one (other weights 0) is returned as it is."""
+    if len(parts) == 1:
+        return parts[0][0]
+    longest = max((c for c, _ in parts), key=lambda c: c.embeddings.shape[1])
+    padded = [encoder.pad_to_match(c, longest, clip_skip)[0] for c, _ in parts]
+    total = sum(w for _, w in parts)
+    embeddings = sum(c.embeddings * (w / total) for c, (_, w) in zip(padded, parts))
+    pooled = None
+    if padded[0].pooled is not None:
+        pooled = sum(c.pooled * (w / total) for c, (_, w) in zip(padded, parts))
+    return Conditioning(embeddings, pooled)
+
+
+def _can_ease(a: _Look, b: _Look) -> bool:
+    """Only between looks of the same noise shape with fixed seeds (seed -1 has nothing to ease from)."""
+    return (a.noise is not None and b.noise is not None and len(a.noise) == len(b.noise)
+            and a.noise[0].shape == b.noise[0].shape and (a.negative is None) == (b.negative is None))
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    return x is y or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
+
+
+def _same_look(a: _Look, b: _Look) -> bool:
+    return (_same(a.positive.embeddings, b.positive.embeddings) and _same(a.positive.pooled, b.positive.pooled)
+            and all(_same(x, y) for x, y in zip(a.noise, b.noise)))
+
+
+def _mix_looks(a: _Look, b: _Look, t: float) -> _Look:
+    """`t` of the way from look a to look b: embeddings interpolated linearly, noise slerped."""
+    def lerp(x, y):
+        if x is None or y is None:
+            return y
+        if x.shape != y.shape:  # prompts of different chunk counts: ease the shared part only
+            return y
+        return torch.lerp(x, y, t)
+    positive = Conditioning(lerp(a.positive.embeddings, b.positive.embeddings), lerp(a.positive.pooled, b.positive.pooled))
+    negative = b.negative
+    if negative is not None and positive.embeddings.shape != negative.embeddings.shape:
+        positive = b.positive  # cannot batch them: skip to the target conditioning
+    noise = tuple(slerp(x, y, t) for x, y in zip(a.noise, b.noise))
+    return _Look(positive, negative, noise)

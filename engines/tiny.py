@@ -13,11 +13,28 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .autoencoder import Autoencoder
+from .bundle import TINY_ARCH, TINY_XL_ARCH, ModelBundle, ModelError
 
 SEED = 20240601
 MAX_TOKENS = 77
 TEXT_HIDDEN = 32
+
+
+def build_bundle(arch: str = TINY_ARCH) -> ModelBundle:
+    """The built-in test model `tiny` (SD 1.x-shaped) or `tiny-xl` (SDXL-shaped: two text encoders,
+    pooled text and size conditioning), on the CPU in float32."""
+    if arch not in (TINY_ARCH, TINY_XL_ARCH):
+        raise ModelError(f"no built-in model {arch!r}; built-in: {TINY_ARCH}, {TINY_XL_ARCH}")
+    xl = arch == TINY_XL_ARCH
+    return ModelBundle(
+        name=arch, arch=arch, source=arch, test_model=True,
+        unet=build_xl_unet() if xl else build_unet(), autoencoder=Autoencoder(build_autoencoder()),
+        text_encoder=build_text_encoder(), tokenizer=build_tokenizer(), scheduler=build_scheduler(),
+        text_encoder_2=build_text_encoder_2() if xl else None, tokenizer_2=build_tokenizer() if xl else None,
+    )
 
 
 def build_unet() -> UNet2DConditionModel:
@@ -29,6 +46,25 @@ def build_unet() -> UNet2DConditionModel:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8,
+        ).eval()
+
+
+XL_TIME_EMBED = 8
+
+
+def build_xl_unet() -> UNet2DConditionModel:
+    """SDXL's conditioning on a tiny UNet: cross-attention over both encoders' features (32 + 32) and
+    the `text_time` added embedding (pooled text + six size/crop numbers)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 3)
+        return UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=2 * TEXT_HIDDEN, attention_head_dim=8,
+            addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_EMBED,
+            projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * XL_TIME_EMBED,
         ).eval()
 
 
@@ -64,6 +100,15 @@ def _standardise(conv: torch.nn.Conv2d, output: torch.Tensor, mean: float, std: 
 
 
 def build_text_encoder() -> CLIPTextModel:
+    return _text_encoder(CLIPTextModel, SEED + 2)
+
+
+def build_text_encoder_2() -> CLIPTextModelWithProjection:
+    """SDXL's second encoder (OpenCLIP bigG's role): its projected pooled output conditions the UNet."""
+    return _text_encoder(CLIPTextModelWithProjection, SEED + 4)
+
+
+def _text_encoder(cls, seed: int):
     vocab = len(_byte_vocab())
     config = CLIPTextConfig(
         vocab_size=vocab, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
@@ -71,8 +116,8 @@ def build_text_encoder() -> CLIPTextModel:
         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED + 2)
-        return CLIPTextModel(config).eval()
+        torch.manual_seed(seed)
+        return cls(config).eval()
 
 
 def build_tokenizer() -> CLIPTokenizer:

@@ -23,6 +23,32 @@ SDBRIDGE = [sys.executable, "-m", "bridge.cli"]  # this checkout's code, whateve
 _instances = itertools.count()
 
 
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with the network off, as a show machine may be: anything that tries to reach a
+    host other than this one (a model hub, say) fails loudly instead of quietly downloading."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def _local(host) -> bool:
+        return isinstance(host, str) and (host in _LOCAL_HOSTS or host.startswith("127.")) or host is None
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+            raise OSError(f"test tried to reach {address[0]}: the network is off in tests")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if not _local(host):
+            raise socket.gaierror(f"test tried to resolve {host}: the network is off in tests")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 def unique_instance(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid() % 100000}x{next(_instances)}"
 

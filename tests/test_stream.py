@@ -79,3 +79,189 @@ def test_img2img_without_a_frame_is_an_error(stream):
 def test_prompt_embeddings_are_cached(stream):
     first = stream.prompts.encode("cache me")
     assert stream.prompts.encode("cache me") is first
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_t_index_list_picks_timesteps_on_a_50_step_schedule_and_overrides_strength():
+    assert timesteps_for(0.3, 1, "img2img", t_index_list=(0,)) == (999,)
+    assert timesteps_for(0.3, 1, "img2img", t_index_list=(16, 32, 45)) == (679, 359, 99)
+
+
+def test_t_index_list_renders_like_the_equivalent_strength(stream, image):
+    assert torch.equal(render(stream, image, t_index_list=(0,)), render(stream, image, strength=1.0, steps=1))
+
+
+# ---------------------------------------------------------------------------- blends
+def test_a_prompt_blend_with_zero_other_weights_is_exactly_the_single_prompt(stream, image):
+    single = render(stream, image, prompt="a red fox")
+    assert torch.equal(render(stream, image, prompt="ignored", prompts=(("a red fox", 1.0), ("a blue whale", 0.0))), single)
+
+
+def test_a_prompt_blend_lies_between_its_prompts(stream, image):
+    fox = render(stream, image, prompt="a red fox")
+    whale = render(stream, image, prompt="a blue whale")
+    both = render(stream, image, prompts=(("a red fox", 0.5), ("a blue whale", 0.5)))
+    assert not torch.equal(both, fox) and not torch.equal(both, whale)
+    embeds = lambda text: stream.prompts.encode(text).embeddings  # noqa: E731
+    stream.prepare(StreamSettings(**{**BASE.__dict__, "prompts": (("a red fox", 1.0), ("a blue whale", 3.0))}))
+    expected = 0.25 * embeds("a red fox") + 0.75 * embeds("a blue whale")
+    assert torch.allclose(stream._plan.look.positive.embeddings, expected, atol=1e-6)
+
+
+def test_a_seed_blend_with_zero_other_weights_is_exactly_the_single_seed(stream, image):
+    assert torch.equal(render(stream, image, seed=0, seeds=((5, 1.0), (9, 0.0))), render(stream, image, seed=5))
+
+
+def test_a_seed_blend_slerps_the_noise_keeping_its_spread(stream, image):
+    mixed = render(stream, image, seeds=((5, 1.0), (9, 1.0)))
+    assert not torch.equal(mixed, render(stream, image, seed=5)) and not torch.equal(mixed, render(stream, image, seed=9))
+    noise = stream._plan.look.noise[0]
+    assert 0.9 < float(noise.std()) < 1.1  # a plain average of two noises would have spread 0.71
+
+
+def test_variation_seed_strength_goes_from_the_seed_to_the_subseed(stream, image):
+    seed5 = render(stream, image, seed=5)
+    assert torch.equal(render(stream, image, seed=5, subseed=9, subseed_strength=0.0), seed5)
+    assert torch.equal(render(stream, image, seed=5, subseed=9, subseed_strength=1.0), render(stream, image, seed=9))
+    assert not torch.equal(render(stream, image, seed=5, subseed=9, subseed_strength=0.3), seed5)
+
+
+def test_slerp_ends_are_exact_and_its_middle_keeps_the_norm():
+    from engines.stream import slerp
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    assert abs(float(slerp(a, b, 0.5).norm() / a.norm()) - 1) < 0.1
+
+
+# ---------------------------------------------------------------------------- transitions
+def test_a_transition_eases_to_the_new_prompt_over_the_given_frames(stream, image):
+    target = render(stream, image, prompt="a blue whale")
+    render(stream, image, prompt="a red fox", transition_frames=3)
+    stream.prepare(StreamSettings(**{**BASE.__dict__, "prompt": "a blue whale", "transition_frames": 3}))
+    frames = []
+    while stream.wants_frame:
+        frames.append(stream.render(image))
+    assert len(frames) == 3
+    assert not torch.equal(frames[0], target) and not torch.equal(frames[1], target)
+    assert torch.equal(frames[-1], target)
+    assert (frames[0] - target).abs().mean() > (frames[1] - target).abs().mean()
+
+
+def test_no_transition_by_default(stream, image):
+    render(stream, image, prompt="a red fox")
+    stream.prepare(StreamSettings(**{**BASE.__dict__, "prompt": "a blue whale"}))
+    assert not stream.wants_frame
+
+
+# ---------------------------------------------------------------------------- guidance
+def test_guidance_off_is_the_same_for_every_cfg_type(stream, image):
+    plain = render(stream, image, guidance_scale=1.0)
+    for cfg in ("full", "self", "initialize"):
+        assert torch.equal(render(stream, image, guidance_scale=1.0, cfg_type=cfg), plain)
+    assert torch.equal(render(stream, image, guidance_scale=5.0, cfg_type="none"), plain)
+
+
+def test_each_cfg_type_guides_differently_and_delta_matters(stream, image):
+    outs = {cfg: render(stream, image, guidance_scale=3.0, negative_prompt="grey", cfg_type=cfg)
+            for cfg in ("none", "full", "self", "initialize")}
+    for a in outs:
+        for b in outs:
+            if a < b:
+                assert not torch.equal(outs[a], outs[b]), (a, b)
+    assert not torch.equal(render(stream, image, guidance_scale=3.0, cfg_type="self", delta=0.5), outs["self"])
+
+
+def test_self_cfg_runs_one_unet_pass_per_step(stream, image):
+    calls = []
+    hook = stream.model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        render(stream, image, guidance_scale=3.0, cfg_type="self", steps=2)
+        assert calls == [1, 1]
+        calls.clear()
+        render(stream, image, guidance_scale=3.0, cfg_type="full", steps=2)
+        assert calls == [2, 2]
+        calls.clear()
+        render(stream, image, guidance_scale=3.0, cfg_type="initialize", steps=2)
+        assert calls == [2, 1]
+    finally:
+        hook.remove()
+
+
+# ---------------------------------------------------------------------------- stream batch
+@pytest.fixture(scope="module")
+def batched():
+    return Stream(registry.load("tiny", CPU, F32), CPU, F32, stream_batch=True)
+
+
+def test_stream_batch_runs_all_steps_in_one_unet_call(batched, image):
+    calls = []
+    hook = batched.model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        render(batched, image, steps=3)
+        assert calls == [3]
+    finally:
+        hook.remove()
+
+
+def test_stream_batch_settles_on_the_exact_result_for_a_still_input(stream, batched, image):
+    exact = render(stream, image, steps=3)
+    batched.prepare(StreamSettings(**{**BASE.__dict__, "steps": 3}))
+    outs = [batched.render(image) for _ in range(3)]
+    assert torch.allclose(outs[-1], exact, atol=1e-4)
+
+
+def test_stream_batch_outputs_lag_by_steps_minus_one_frames(image):
+    fresh = Stream(registry.load("tiny", CPU, F32), CPU, F32, stream_batch=True)
+    fresh.prepare(StreamSettings(**{**BASE.__dict__, "steps": 3}))
+    tags = []
+    for tag in range(1, 6):
+        fresh.render(image, tag=tag)
+        tags.append(fresh.output_tag)
+    assert tags == [1, 1, 1, 2, 3]
+
+
+def test_stream_batch_keeps_rendering_until_a_change_has_reached_every_frame_in_flight(batched, image):
+    render(batched, image, steps=3)
+    batched.prepare(StreamSettings(**{**BASE.__dict__, "steps": 3, "prompt": "a blue whale"}))
+    count = 0
+    while batched.wants_frame:
+        batched.render(image)
+        count += 1
+    assert count == 2
+
+
+def test_stream_batch_with_one_step_is_the_exact_mode(stream, batched, image):
+    assert torch.equal(render(batched, image, steps=1), render(stream, image, steps=1))
+
+
+# ---------------------------------------------------------------------------- SDXL-shaped models
+@pytest.fixture(scope="module")
+def xl_stream():
+    return Stream(registry.load("tiny-xl", CPU, F32), CPU, F32)
+
+
+def test_sdxl_models_stream_with_pooled_text_and_size_conditioning(xl_stream, image):
+    a = render(xl_stream, image)
+    assert a.shape == (1, 3, 128, 128)
+    assert not torch.equal(a, render(xl_stream, image, prompt="a blue whale"))
+    assert xl_stream._plan.time_ids.tolist() == [[128, 128, 0, 0, 128, 128]]
+    assert not torch.equal(render(xl_stream, image, guidance_scale=3.0), a)
+
+
+# ---------------------------------------------------------------------------- prompts in the stream
+def test_clip_skip_and_emphasis_change_the_output(stream, image):
+    base = render(stream, image, prompt="a red fox")
+    assert not torch.equal(render(stream, image, prompt="a red fox", clip_skip=2), base)
+    assert not torch.equal(render(stream, image, prompt="a (red:1.6) fox"), base)
+
+
+def test_styles_wrap_or_extend_the_prompt(image):
+    from engines.prompt_syntax import Style
+    styles = {"neon": Style("neon", "{prompt}, neon glow", "daylight"), "film": Style("film", "35mm film")}
+    styled = Stream(registry.load("tiny", CPU, F32), CPU, F32, styles=styles)
+    plain = Stream(registry.load("tiny", CPU, F32), CPU, F32)
+    assert styled._texts(StreamSettings(prompt="a fox", negative_prompt="blur", styles="neon, film")) == \
+        ([("a fox, neon glow, 35mm film", 1.0)], "blur, daylight")
+    assert torch.equal(render(styled, image, prompt="a fox", styles="neon"), render(plain, image, prompt="a fox, neon glow"))
+    with pytest.raises(ValueError, match="style 'nope' not found; known: film, neon"):
+        render(styled, image, styles="nope")

@@ -110,6 +110,8 @@ class Param:
                                maximum=bounds[1] if bounds else None, max_length=self.max_length)
                 items.append(scalar.coerce(item))
             out.append(tuple(items) if width > 1 else items[0])
+        if width > 1 and out and self.item_range and not any(entry[-1] > 0 for entry in out):
+            raise ParamError(f"{self.name}: at least one weight must be above 0 (send an empty list to end the blend)")
         if self.increasing and any(b <= a for a, b in zip(out, out[1:])):
             raise ParamError(f"{self.name}: entries must be strictly increasing, got {out}")
         return tuple(out)

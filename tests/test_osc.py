@@ -71,3 +71,17 @@ def test_telemetry_encoding_is_plain_osc():
     data = osc.encode("/sdbridge/fps", 29.5)
     assert data == b"/sdbridge/fps\x00\x00\x00,f\x00\x00" + struct.pack(">f", 29.5)
     assert osc.decode(data) == [("/sdbridge/fps", [29.5])]
+
+
+def test_list_addresses_take_all_their_arguments():
+    assert osc.changes_from_packet(message("/prompts", "a fox", 0.75, "a city", 0.25).dgram) == \
+        ({"prompts": (("a fox", 0.75), ("a city", 0.25))}, [])
+    assert osc.changes_from_packet(message("/seeds", 1, 1.0, 2, 0.5).dgram)[0] == {"seeds": ((1, 1.0), (2, 0.5))}
+    assert osc.changes_from_packet(message("/t_index_list", 0, 16, 32).dgram)[0] == {"t_index_list": (0, 16, 32)}
+    assert osc.changes_from_packet(message("/t_index_list").dgram)[0] == {"t_index_list": ()}
+
+
+def test_lora_addresses_name_the_lora_and_take_a_fader_too():
+    assert osc.changes_from_packet(message("/lora/film grain", 0.5).dgram)[0] == {"lora/film grain": 0.5}
+    assert osc.changes_from_packet(message("/norm/lora/x", 0.5).dgram)[0] == {"lora/x": 0.0}
+    assert "unknown OSC address /lora/" in osc.changes_from_packet(message("/lora/", 1.0).dgram)[1][0]

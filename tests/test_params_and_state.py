@@ -95,3 +95,46 @@ def test_wait_for_change_wakes_on_apply():
     threading.Timer(0.05, store.apply, args=({"seed": 3},)).start()
     assert store.wait_for_change(1, timeout=5)
     assert not store.wait_for_change(store.version, timeout=0.01)
+
+
+def test_list_parameters_take_flat_or_nested_pairs():
+    prompts = params.lookup("prompts")
+    assert prompts.coerce(["a", 1, "b", 0.5]) == prompts.coerce([["a", 1.0], ["b", 0.5]]) == (("a", 1.0), ("b", 0.5))
+    assert params.lookup("t_index_list").coerce([0, 16.0, 32]) == (0, 16, 32)
+    assert prompts.coerce([]) == ()
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("prompts", ["a", 1.0, "b"], "groups"),
+    ("prompts", ["a", "b"], "expected a number"),
+    ("prompts", ["a", 0.0, "b", 0.0], "at least one weight"),
+    ("prompts", ["a", -1.0], "out of range"),
+    ("prompts", "a", "expected a list"),
+    ("seeds", [1.5, 1.0], "whole number"),
+    ("seeds", [-1, 1.0], "out of range"),
+    ("t_index_list", [32, 16], "increasing"),
+    ("t_index_list", [50], "out of range"),
+    ("t_index_list", list(range(9)), "at most 8"),
+])
+def test_bad_lists_are_refused(name, value, message):
+    with pytest.raises(ParamError, match=message):
+        params.lookup(name).coerce(value)
+
+
+def test_setting_prompt_or_seed_alone_ends_a_blend_but_not_in_the_same_change_set():
+    store = StateStore()
+    store.apply({"prompts": [["a", 1.0], ["b", 1.0]], "seeds": [[1, 1.0], [2, 1.0]]})
+    store.apply({"prompt": "c"})
+    assert store.snapshot()["prompts"] == () and store.snapshot()["seeds"] == ((1, 1.0), (2, 1.0))
+    store.apply({"seed": 3, "seeds": [[4, 1.0]]})
+    assert store.snapshot()["seeds"] == ((4, 1.0),)
+
+
+def test_lora_weights_are_a_family_of_parameters():
+    store = StateStore()
+    store.apply({"lora/my style": 0.5, "lora/sub/other": -1})
+    assert params.lora_weights(store.snapshot().values) == {"my style": 0.5, "sub/other": -1.0}
+    with pytest.raises(ParamError, match="out of range"):
+        store.apply({"lora/x": 6.0})
+    with pytest.raises(ParamError, match="bad LoRA name"):
+        params.lookup("lora/")

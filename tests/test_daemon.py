@@ -250,6 +250,8 @@ def test_the_similarity_filter_skips_near_identical_frames_only(daemon):
             daemon.write(nearly)
             time.sleep(0.03)
         assert daemon.ring_out.write_seq == held
+        t0 = time.monotonic()
+        assert daemon.telemetry.wait_for("/sdbridge/skipped", t0, predicate=lambda a: a[0] >= 3)  # reported
         fid = daemon.write(255 - FRAME)  # a different picture
         daemon.output_after(lambda o: o.frame_id == fid, timeout=10)
     finally:

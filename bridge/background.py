@@ -33,12 +33,18 @@ class BackgroundLoad:
         self._thread: threading.Thread | None = None
 
     def submit(self, key: Hashable, job: Callable[[], Any]) -> None:
-        """Run `job` soon; replaces a request that has not started yet."""
+        """Run `job` soon; replaces a request that has not started yet. Asking again for what is
+        running now just drops the waiting request."""
         with self._lock:
-            self._waiting = (key, job)
-            if self._thread is None or not self._thread.is_alive():
+            self._waiting = None if key == self._running else (key, job)
+            if self._waiting is not None and self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._thread.start()
+
+    def cancel(self) -> None:
+        """Drop the waiting request (a running job finishes; its result can be ignored)."""
+        with self._lock:
+            self._waiting = None
 
     @property
     def pending(self) -> Hashable | None:
@@ -64,6 +70,7 @@ class BackgroundLoad:
             with self._lock:
                 if self._waiting is None:
                     self._running = None
+                    self._thread = None  # under the lock: the next submit starts a new worker
                     return
                 key, job = self._waiting
                 self._waiting, self._running = None, key

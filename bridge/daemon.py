@@ -20,7 +20,7 @@ from engines.stream import Stream
 
 from . import osc, params, shm
 from .config import Settings
-from .loop import RenderLoop, output_format
+from .loop import RenderLoop, output_format, stream_settings
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class Daemon:
         self.ring_out: shm.Ring | None = None
         self.loop: RenderLoop | None = None
         self.store: StateStore | None = None
-        self.store = StateStore({"model": settings.model, **(initial or {})}, check=self._check)
+        initial = {"model": settings.model, **(initial or {})}
+        self._check_names(params.validate(initial))
+        self.store = StateStore(initial, check=self._check_output_fits)
         self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
         self.osc_port = settings.osc_port
         self.errors = 0
@@ -87,7 +89,7 @@ class Daemon:
                  s.slot_count, s.max_width, s.max_height)
 
     async def _start_io(self) -> asyncio.DatagramTransport:
-        server = osc.OscServer(apply=self.store.apply, on_error=self.report_error)
+        server = osc.OscServer(apply=self.apply, on_error=self.report_error)
         try:
             transport = await osc.serve(self.settings.host, self.settings.osc_port, server)
         except OSError as e:
@@ -154,7 +156,12 @@ class Daemon:
                         "Use --model NAME or PATH for pictures.", model.name)
         stream = Stream(model, self.device, self.dtype, s.prompt_cache_size, stream_batch=s.stream_batch,
                         styles=self.styles, embeddings=self.folders.embeddings(),
-                        find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle)
+                        find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle,
+                        report=self.report_error)
+        try:
+            stream.warm_up(stream_settings(self.store.snapshot()))
+        except Exception as e:  # the state may not suit this model yet; the first frame will say why
+            log.debug("warm-up frame failed: %s", e)
         log.info("model %s (%s, %s) ready in %.1f s", model.name, model.arch, stream.model.autoencoder.name,
                  time.monotonic() - started)
         return stream
@@ -163,23 +170,33 @@ class Daemon:
         return registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
                                          allow_pickle=self.settings.allow_pickle)
 
-    def _check(self, values: Mapping[str, Any]) -> None:
-        """Checks that need the daemon: the output fits the ring; names from the network exist in the
-        models folders (and never outside them)."""
-        self._check_output_fits(values)
+    def apply(self, changes: Mapping[str, Any]) -> int:
+        """Apply a change set from the network: names are checked against the models folders first,
+        outside the state's lock (a folder rescan must not stall the render thread), then the state
+        store validates and applies the whole set atomically."""
+        self._check_names(params.validate(changes))
+        return self.store.apply(changes)
+
+    def _check_names(self, changes: Mapping[str, Any]) -> None:
+        """Names from the network must exist in the models folders (and never point outside them)."""
         current = self.store.snapshot().values if self.store is not None else {}
         serving = self.loop.serving if self.loop is not None else ("", "")
         try:
-            if values["model"] not in (current.get("model"), serving[0], self.settings.model):
-                registry.resolve(values["model"], self.folders, from_network=True,
-                                 allow_pickle=self.settings.allow_pickle)
-            if values["vae"] not in (current.get("vae"), serving[1], *registry.VAE_CHOICES):
-                registry.find_autoencoder(values["vae"], self.folders)
-            for lora in params.lora_weights(values):
+            model = changes.get("model")
+            if model is not None and model not in (current.get("model"), serving[0], self.settings.model):
+                registry.resolve(model, self.folders, from_network=True, allow_pickle=self.settings.allow_pickle)
+            vae = changes.get("vae")
+            if vae is not None and vae not in (current.get("vae"), serving[1], *registry.VAE_CHOICES):
+                registry.find_autoencoder(vae, self.folders)
+            for lora in params.lora_weights(changes):
                 if params.LORA_PREFIX + lora not in current:
                     self.folders.find("loras", lora)
         except ModelError as e:
             raise params.ParamError(str(e)) from None
+        for style in filter(None, (name.strip() for name in changes.get("styles", "").split(","))):
+            if style not in self.styles:
+                known = ", ".join(sorted(self.styles)) or "none: set styles_file to an A1111 styles.csv"
+                raise params.ParamError(f"style {style!r} not found; known: {known}")
 
     def _check_output_fits(self, values: Mapping[str, Any]) -> None:
         needed = values["width"] * values["height"] * self.output.channels * self.output.dtype.itemsize

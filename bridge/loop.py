@@ -94,6 +94,7 @@ class RenderLoop:
         self._loads = BackgroundLoad()
         self.serving: tuple[str, str] = ("", "")  # (model, vae) of the stream that serves
         self._failed: tuple[str, str] | None = None  # the last background load that failed
+        self._refused_settings: StreamSettings | None = None  # the last settings Stream.prepare refused
         self.store = store
         self.ring_in = ring_in
         self.ring_out = ring_out
@@ -161,54 +162,66 @@ class RenderLoop:
     def _idle(self) -> None:
         self.store.wait_for_change(self.store.version, self.poll_interval)
 
-    def _switch(self, snap: Snapshot) -> None:
-        """Swap in a finished background load, and start the one the state asks for."""
+    def _switch(self, snap: Snapshot) -> Snapshot:
+        """Swap in a finished background load if it is still wanted, and start the load the state
+        asks for. Returns the snapshot to render with (a failed load sets the state back)."""
         finished = self._loads.take()
         if finished is not None:
-            kind, name = finished.key
-            if finished.error is not None:
-                self.report_error(f"{kind} {name!r} failed to load, keeping {self.serving[0 if kind == 'model' else 1]!r}: "
-                                  f"{finished.error}")
-                self._failed = finished.key  # not retried until something else is asked for
-                if self.store.snapshot()[kind] == name:  # still asked for: say in the state what serves
-                    try:
-                        self.store.apply({"model": self.serving[0], "vae": self.serving[1]})
-                    except params.ParamError as e:
-                        log.warning("could not restore the state's model and vae: %s", e)
-                snap = self.store.snapshot()
-            elif kind == "model":
-                old, (self.stream, vae) = self.stream, finished.result
-                self.serving = (name, vae)
-                self._rendered_version = 0  # render the last input again with the new model
-                del old
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                log.info("now serving model %s", name)
-            else:
-                self.stream.set_autoencoder(finished.result)
-                self.serving = (self.serving[0], name)
-                self._rendered_version = 0
-                log.info("now using autoencoder %s", name)
+            snap = self._finish_load(finished, snap)
         model, vae = snap["model"], snap["vae"]
         if (model, vae) == self.serving:
             self._failed = None
-            return
+            self._loads.cancel()  # the performer went back to what serves: load nothing more
+            return snap
         if model != self.serving[0]:
             key, job = ("model", model), (lambda: (self._load_stream(model, vae), vae))
         else:
             stream = self.stream
-            key, job = ("vae", vae), (lambda: self._load_autoencoder(stream, vae))
-        if key == self._failed:
-            return
-        self._failed = None
-        if self._loads.pending != key:
+            key, job = ("vae", vae), (lambda: (stream, self._load_autoencoder(stream, vae)))
+        if key != self._failed and self._loads.pending != key:
+            self._failed = None
             log.info("loading %s %s in the background", *key)
             self._loads.submit(key, job)
+        return snap
+
+    def _finish_load(self, finished: Any, snap: Snapshot) -> Snapshot:
+        kind, name = finished.key
+        if finished.error is not None:
+            serving = self.serving[0] if kind == "model" else self.serving[1]
+            self.report_error(f"{kind} {name!r} failed to load, keeping {serving!r}: {finished.error}")
+            self._failed = finished.key  # not retried until something else is asked for
+            # Say in the state what serves, unless the performer has asked for something else since.
+            # A /model request reset the vae to auto, so a failed model restores both.
+            back = {"model": self.serving[0], "vae": self.serving[1]} if kind == "model" else {"vae": serving}
+            try:
+                self.store.apply(back, only_if={kind: name})
+            except params.ParamError as e:
+                log.warning("could not set the state back to what serves: %s", e)
+            return self.store.snapshot()
+        if snap[kind] != name:
+            log.info("%s %s loaded, but %s is asked for now; not used", kind, name, snap[kind])
+            return snap
+        if kind == "model":
+            old, (self.stream, vae) = self.stream, finished.result
+            self.serving = (name, vae)
+            del old
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.info("now serving model %s", name)
+        else:
+            stream, autoencoder = finished.result
+            if stream is not self.stream:
+                return snap  # loaded for a model that no longer serves
+            stream.set_autoencoder(autoencoder)
+            self.serving = (self.serving[0], name)
+            log.info("now using autoencoder %s", name)
+        self._rendered_version = 0  # render the last input again with the new model or autoencoder
+        self._refused_settings = None
+        return snap
 
     def _step(self) -> bool:
         """Render one frame if there is something new to render; False when idle."""
-        snap = self.store.snapshot()
-        self._switch(snap)
+        snap = self._switch(self.store.snapshot())
         if snap["pause"]:
             self.stats.status = PAUSED
             self._take_input()  # keep draining so that resuming starts from the newest frame
@@ -229,8 +242,15 @@ class RenderLoop:
         # next frame or state change, not in a busy loop.
         self._rendered_version = snap.version
         settings = stream_settings(snap)
-        if settings != stream.settings:
-            stream.prepare(settings)
+        if settings != stream.settings and settings != self._refused_settings:
+            try:
+                stream.prepare(settings)
+            except Exception as e:  # a style or LoRA that cannot be used: say so, keep the last look
+                self._refused_settings = settings
+                self.report_error(f"settings not usable, still showing the previous ones: {type(e).__name__}: {e}")
+        if stream.settings is None:
+            return True  # nothing usable to render with until the state changes
+        settings = stream.settings
         frame = None if txt2img else self._last_input
         image = None
         if frame is not None:

@@ -205,8 +205,9 @@ PARAMS: tuple[Param, ...] = (
           "this fraction of full scale; 0 never skips.", minimum=0.0, maximum=1.0),
     Param("pause", bool, False, "1 holds the last output and stops rendering; 0 runs."),
     Param("model", str, "", "Model to switch to by its name in the models folders (loaded in the background "
-          "while the current one keeps serving; a failed load keeps the current one).", max_length=512,
-          live=False),
+          "while the current one keeps serving; a failed load keeps the current one). Setting it alone "
+          "sets vae back to auto, since a VAE belongs to a model family.", max_length=512, live=False,
+          clears=("vae",)),
     Param("vae", str, "auto", "Autoencoder: auto (a TAESD for the model if one is found, else its own "
           "VAE), model (the model's own VAE), taesd, or a VAE name from the models folders.", max_length=512,
           live=False),

@@ -49,10 +49,14 @@ class StateStore:
     def version(self) -> int:
         return self._snapshot.version
 
-    def apply(self, changes: Mapping[str, Any]) -> int:
-        """Apply all of `changes` atomically and return the new version, or raise ParamError."""
+    def apply(self, changes: Mapping[str, Any], *, only_if: Mapping[str, Any] | None = None) -> int | None:
+        """Apply all of `changes` atomically and return the new version, or raise ParamError.
+        With `only_if`, apply only while the state still holds those values (checked under the lock)
+        and return None otherwise: a compare-and-set for corrections made behind the user's back."""
         coerced = params.validate(changes)
         with self._lock:
+            if only_if is not None and any(self._snapshot.values.get(k) != v for k, v in only_if.items()):
+                return None
             values = dict(self._snapshot.values)
             values.update(coerced)
             if self._check:

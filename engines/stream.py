@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -84,7 +83,10 @@ def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 100
     """The denoising timesteps for a frame (see the module docstring); empty means no denoising."""
     if t_index_list:
         stride = train_steps // SCHEDULE_INDICES
-        return tuple(train_steps - 1 - i * stride for i in t_index_list)
+        out = tuple(train_steps - 1 - i * stride for i in t_index_list)
+        if mode == TXT2IMG:  # pure noise is only right at the top of the schedule
+            out = (train_steps - 1, *(t for t in out[1:] if t < train_steps - 1))
+        return out
     first = train_steps - 1 if mode == TXT2IMG else min(train_steps - 1, round(strength * train_steps) - 1)
     if first < 0:
         return ()
@@ -161,6 +163,7 @@ class _InFlight:
     """Stream batch: the latents of frames started earlier, one per later step, oldest last."""
 
     latents: list[torch.Tensor] = field(default_factory=list)
+    noises: list[torch.Tensor] = field(default_factory=list)  # the noise each latent was made with
     tags: list[Any] = field(default_factory=list)
 
 
@@ -170,17 +173,21 @@ class Stream:
     def __init__(self, model: ModelBundle, device: torch.device, dtype: torch.dtype, prompt_cache_size: int = 64,
                  *, stream_batch: bool = False, styles: Mapping[str, prompt_syntax.Style] | None = None,
                  embeddings: Mapping[str, Path] | None = None,
-                 find_lora: Callable[[str], Path] | None = None, allow_pickle: bool = False):
+                 find_lora: Callable[[str], Path] | None = None, allow_pickle: bool = False,
+                 report: Callable[[str], None] | None = None):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.stream_batch = stream_batch
         self.styles = dict(styles or {})
         self.find_lora = find_lora
+        self.report = report or log.error  # problems that do not stop the stream (a LoRA left out)
         self.allow_pickle = allow_pickle
         self.prompts = PromptEncoder(model, device, dtype, prompt_cache_size, embeddings=embeddings,
                                      allow_pickle=allow_pickle)
         self.loras = None  # engines.lora.LoraSet, made when the first LoRA is asked for
+        self._lora_files: dict[str, str | None] = {}  # a LoRA name to its file (None: unusable)
+        self._unusable_loras: dict[str, str] = {}  # files that failed to load, with why
         config = model.scheduler.config
         self.prediction_type = config.prediction_type
         self.timestep_scaling = float(getattr(config, "timestep_scaling", 10.0))
@@ -203,6 +210,15 @@ class Stream:
         """True while the stream would show something new even with no new input: a transition is
         easing in, or (stream batch) frames started with older settings are still in flight."""
         return self._transition is not None or (bool(self._in_flight.latents) and self._flush > 0)
+
+    def warm_up(self, settings: StreamSettings) -> None:
+        """Render one throw-away frame so that the first real one is not slow: the first call of a
+        model pays for kernel selection and memory set-up (seconds on some machines)."""
+        self.prepare(settings)
+        grey = None if settings.mode == TXT2IMG else torch.zeros(1, 3, settings.height, settings.width,
+                                                                 device=self.device, dtype=self.dtype)
+        self.render(grey)
+        self._shown, self._transition, self._in_flight = None, None, _InFlight()
 
     def set_autoencoder(self, autoencoder) -> None:
         """Swap the autoencoder (a /vae change); the next frame prepares again with it."""
@@ -257,24 +273,47 @@ class Stream:
         return self.styles[name]
 
     def _apply_loras(self, settings: StreamSettings, texts: Sequence[str]) -> None:
-        """LoRA weights: the /lora/<name> values, overridden by <lora:name:w> tags in the prompts."""
-        weights = dict(settings.loras)
-        for text in texts:
-            weights.update(prompt_syntax.parse(text).loras)
-        wanted = {name: w for name, w in weights.items() if w != 0.0}
+        """LoRA weights: the /lora/<name> values, overridden by <lora:name:w> tags in the prompts.
+
+        LoRAs are keyed by their file, so two spellings of one name are one LoRA. A LoRA that cannot
+        be found or loaded (a typo in a tag, one made for another model family) is reported once and
+        left out, as A1111 does; the rest of the change applies."""
+        weights: dict[str, float] = {}
+        for name, weight in [*settings.loras, *(t for text in texts for t in prompt_syntax.parse(text).loras)]:
+            key = self._lora_key(name)
+            if key is not None:
+                weights[key] = weight
         if self.loras is None:
-            if not wanted:
+            if not any(weights.values()):
                 return
             from .lora import LoraSet  # peft is imported only when a LoRA is used
             self.loras = LoraSet(self.model)
-        for name in wanted:
-            if name not in self.loras.loaded:
-                if self.find_lora is None:
-                    raise ValueError(f"LoRA {name!r} asked for, but no models folders with LoRAs are configured")
-                self.loras.load(name, self.find_lora(name), allow_pickle=self.allow_pickle)
-        current = {name: weights.get(name, 0.0) for name in self.loras.loaded}
+        for key, weight in weights.items():
+            if weight and key not in self.loras.loaded and key not in self._unusable_loras:
+                try:
+                    self.loras.load(key, Path(key), allow_pickle=self.allow_pickle)
+                except Exception as e:
+                    self._unusable_loras[key] = str(e)
+                    self.report(f"LoRA {Path(key).name} left out: {e}")
+        current = {key: weights.get(key, 0.0) for key in self.loras.loaded}
         if self.loras.set_weights(current):
             self.prompts.clear()  # the text encoders changed: cached embeddings are stale
+
+    def _lora_key(self, name: str) -> str | None:
+        """The file a LoRA name stands for, or None (reported once) if it cannot be used."""
+        if name in self._lora_files:
+            return self._lora_files[name]
+        try:
+            if self.find_lora is None:
+                raise ValueError("no models folders with LoRAs are configured (--models-dir)")
+            key = str(self.find_lora(name))
+        except Exception as e:
+            self.report(f"LoRA {name!r} left out: {e}")
+            key = None
+        if key in self._unusable_loras:
+            key = None
+        self._lora_files[name] = key
+        return key
 
     def _look(self, settings: StreamSettings, positive_texts: list[tuple[str, float]], negative_text: str,
               cfg: str, latent_shape: tuple[int, ...], count: int) -> _Look:
@@ -300,24 +339,28 @@ class Stream:
         return _Look(positive, negative, noise)
 
     def _seed_blend(self, seeds: list[tuple[int, float]], shape: tuple[int, ...], count: int) -> tuple[torch.Tensor, ...]:
-        """Slerp the seeds' noises by weight, one seed at a time; a single seed is its noise exactly."""
+        """Slerp the seeds' noises by weight, one seed at a time; a single seed is its noise exactly.
+
+        Independent noises are (nearly) orthogonal, so the mix of weights w_i is sum(w_i n_i) /
+        |w|: slerping the next noise in at the angle atan(w / |w so far|) gives exactly that, in
+        any order, and keeps the noise's spread."""
         noise = self._seed_noise(seeds[0][0], shape, count)
-        total = seeds[0][1]
+        norm_sq = seeds[0][1] ** 2
         for seed, weight in seeds[1:]:
             other = self._seed_noise(seed, shape, count)
-            t = weight / (total + weight)
+            t = 2 / math.pi * math.atan2(weight, math.sqrt(norm_sq))
             noise = tuple(slerp(a, b, t) for a, b in zip(noise, other))
-            total += weight
+            norm_sq += weight ** 2
         return noise
 
     def _start_transition(self, previous: _Plan | None, plan: _Plan) -> None:
+        if previous is not None and _same_look(previous.look, plan.look):
+            return  # nothing a transition eases changed (say, strength moved): keep any running one
         frames = plan.settings.transition_frames
         start = self._shown
         if previous is None or frames <= 0 or start is None or not _can_ease(start, plan.look):
             self._transition = None
             return
-        if _same_look(start, plan.look):
-            return  # nothing the transition eases changed (say, only strength): keep any running one
         self._transition = _Transition(start, frames)
 
     def _time_ids(self, settings: StreamSettings) -> torch.Tensor:
@@ -357,7 +400,8 @@ class Stream:
         if plan is None:
             raise RuntimeError("Stream.prepare() must run before render()")
         look = self._current_look(plan)
-        noise = look.noise or self._seed_noise(random.randrange(2**31), plan.latent_shape, max(1, len(plan.steps)))
+        noise = look.noise or tuple(torch.randn(plan.latent_shape, device=self.device, dtype=self.dtype)
+                                    for _ in range(max(1, len(plan.steps))))  # seed -1: fresh, uncached
         if plan.settings.mode == TXT2IMG:
             clean = None
         else:
@@ -420,12 +464,15 @@ class Stream:
             # rather than the noise a zero-filled pipeline would show.
             start = clean if clean is not None else noise[0]
             flight.latents = [self._noised(start, noise[j], steps[j]) for j in range(1, n)]
+            flight.noises = list(noise[1:n])
             flight.tags = [tag] * (n - 1)
         batch = torch.cat([new, *flight.latents])
-        denoised, _ = self._denoise(batch, list(steps), list(noise[:n]), look, plan, first=True, residual=None)
+        denoised, _ = self._denoise(batch, list(steps), [noise[0], *flight.noises], look, plan, first=True,
+                                    residual=None)
         out = denoised[n - 1:n]
         self.output_tag = flight.tags[-1]
         flight.latents = [self._noised(denoised[j:j + 1], noise[j + 1], steps[j + 1]) for j in range(n - 1)]
+        flight.noises = list(noise[1:n])
         flight.tags = [tag, *flight.tags[:-1]]
         self._flush = max(0, self._flush - 1)
         return out
@@ -453,6 +500,17 @@ class Stream:
         if plan.time_ids is not None:
             added = {"text_embeds": pooled, "time_ids": plan.time_ids.expand(model_input.shape[0], -1)}
         out = self.model.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        view = (b, 1, 1, 1)
+        sqrt_alpha = latents.new_tensor([s.sqrt_alpha for s in steps]).view(view)
+        sqrt_beta = latents.new_tensor([s.sqrt_beta for s in steps]).view(view)
+        prediction = self.prediction_type
+        if cfg in ("self", "initialize") and prediction != "epsilon":
+            # residual CFG estimates the negative as noise, so guide in noise (epsilon) terms
+            noisy = torch.cat([latents[:1], latents]) if run_negative else latents
+            alpha_all = torch.cat([sqrt_alpha[:1], sqrt_alpha]) if run_negative else sqrt_alpha
+            beta_all = torch.cat([sqrt_beta[:1], sqrt_beta]) if run_negative else sqrt_beta
+            out = _to_epsilon(out, noisy, alpha_all, beta_all, prediction)
+            prediction = "epsilon"
         noise_in = torch.cat(injected).to(out.dtype)
         if run_negative:
             negatives = b if cfg == "full" else 1
@@ -468,18 +526,23 @@ class Stream:
             negative = None
         if negative is not None:
             out = negative + plan.settings.guidance_scale * (out - negative)
-        view = (b, 1, 1, 1)
-        sqrt_alpha = latents.new_tensor([s.sqrt_alpha for s in steps]).view(view)
-        sqrt_beta = latents.new_tensor([s.sqrt_beta for s in steps]).view(view)
-        if self.prediction_type == "epsilon":
+        if prediction == "epsilon":
             x0 = (latents - sqrt_beta * out) / sqrt_alpha
-        elif self.prediction_type == "v_prediction":
+        elif prediction == "v_prediction":
             x0 = sqrt_alpha * latents - sqrt_beta * out
         else:  # "sample"
             x0 = out
         c_out = latents.new_tensor([s.c_out for s in steps]).view(view)
         c_skip = latents.new_tensor([s.c_skip for s in steps]).view(view)
         return c_out * x0 + c_skip * latents, residual
+
+
+def _to_epsilon(out: torch.Tensor, latents: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_beta: torch.Tensor,
+                prediction: str) -> torch.Tensor:
+    """A v or sample prediction as the noise prediction it implies, at each latent's timestep."""
+    if prediction == "v_prediction":
+        return sqrt_alpha * out + sqrt_beta * latents
+    return (latents - sqrt_alpha * out) / sqrt_beta  # "sample": out is x0
 
 
 def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -513,8 +576,13 @@ def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
 
 
 def _same_look(a: _Look, b: _Look) -> bool:
-    return (_same(a.positive.embeddings, b.positive.embeddings) and _same(a.positive.pooled, b.positive.pooled)
-            and all(_same(x, y) for x, y in zip(a.noise, b.noise)))
+    if (a.noise is None) != (b.noise is None) or (a.negative is None) != (b.negative is None):
+        return False
+    same_noise = a.noise is None or (len(a.noise) == len(b.noise) and all(_same(x, y) for x, y in zip(a.noise, b.noise)))
+    same_negative = a.negative is None or (_same(a.negative.embeddings, b.negative.embeddings)
+                                           and _same(a.negative.pooled, b.negative.pooled))
+    return (same_noise and same_negative and _same(a.positive.embeddings, b.positive.embeddings)
+            and _same(a.positive.pooled, b.positive.pooled))
 
 
 def _mix_looks(a: _Look, b: _Look, t: float) -> _Look:

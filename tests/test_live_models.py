@@ -153,3 +153,24 @@ def test_model_switch_happens_in_the_background_while_the_old_model_serves(live)
     assert frames_during >= 1
     live.send("/model", "tiny")
     assert live.telemetry.wait_for("/sdbridge/model", time.monotonic(), timeout=60, predicate=lambda a: a == ["tiny"])
+
+
+def test_an_unknown_style_is_refused_at_once(live):
+    before = _version(live)
+    t0 = time.monotonic()
+    live.send("/styles", "nope")
+    assert _error_after(live, t0, "style 'nope' not found")
+    assert _version(live) == before
+
+
+def test_going_back_to_the_serving_model_while_another_loads_keeps_it(live):
+    log_before = len(live.log())
+    t0 = time.monotonic()
+    live.send("/model", "tinyfile")
+    live.send("/model", "tiny")
+    time.sleep(3)
+    fid = live.write(FRAME)
+    live.output_after(lambda o: o.frame_id >= fid)
+    assert live.telemetry.wait_for("/sdbridge/loading", time.monotonic(), predicate=lambda a: a == [""])
+    assert all(v == ["tiny"] for v in live.telemetry.values("/sdbridge/model", t0))
+    assert "now serving model tinyfile" not in live.log()[log_before:]

@@ -265,3 +265,50 @@ def test_styles_wrap_or_extend_the_prompt(image):
     assert torch.equal(render(styled, image, prompt="a fox", styles="neon"), render(plain, image, prompt="a fox, neon glow"))
     with pytest.raises(ValueError, match="style 'nope' not found; known: film, neon"):
         render(styled, image, styles="nope")
+
+
+# ---------------------------------------------------------------------------- what a performer can get wrong
+def test_a_lora_that_cannot_be_found_is_left_out_and_reported_once(image):
+    reports = []
+    s = Stream(registry.load("tiny", CPU, F32), CPU, F32, report=reports.append,
+               find_lora=lambda name: (_ for _ in ()).throw(FileNotFoundError(f"lora {name!r} not found")))
+    plain = render(s, image, prompt="a fox")
+    assert torch.equal(render(s, image, prompt="a fox <lora:typo:1>"), plain)
+    render(s, image, prompt="a fox <lora:typo:0.5>", seed=3)
+    assert len(reports) == 1 and "typo" in reports[0]
+
+
+def test_a_running_transition_keeps_going_while_other_parameters_move(stream, image):
+    render(stream, image, prompt="a red fox")
+    stream.prepare(StreamSettings(**{**BASE.__dict__, "prompt": "a blue whale", "transition_frames": 4}))
+    stream.render(image)
+    for strength in (0.61, 0.62, 0.63):
+        stream.prepare(StreamSettings(**{**BASE.__dict__, "prompt": "a blue whale", "transition_frames": 4,
+                                         "strength": strength}))
+        stream.render(image)
+    assert not stream.wants_frame  # four frames, although strength moved during them
+
+
+def test_a_seed_blend_does_not_depend_on_the_order_of_its_seeds(stream, image):
+    render(stream, image, seeds=((1, 1.0), (2, 1.0), (3, 1.0)))
+    a = stream._plan.look.noise[0]
+    render(stream, image, seeds=((3, 1.0), (1, 1.0), (2, 1.0)))
+    b = stream._plan.look.noise[0]
+    assert (a - b).abs().max() < 0.05 and 0.9 < float(a.std()) < 1.1
+
+
+def test_txt2img_with_t_index_list_always_starts_from_pure_noise_at_the_top():
+    assert timesteps_for(0.5, 1, "txt2img", t_index_list=(32, 45)) == (999, 99)
+    assert timesteps_for(0.5, 1, "txt2img", t_index_list=(0, 45)) == (999, 99)
+
+
+def test_warm_up_leaves_no_trace_in_the_frames_that_follow(stream, image):
+    expected = render(stream, image, steps=3)
+    fresh = Stream(registry.load("tiny", CPU, F32), CPU, F32, stream_batch=True)
+    settings = StreamSettings(**{**BASE.__dict__, "steps": 3})
+    fresh.warm_up(settings)
+    outs, tags = [], []
+    for tag in (1, 2, 3):
+        outs.append(fresh.render(image, tag=tag))
+        tags.append(fresh.output_tag)
+    assert tags == [1, 1, 1] and torch.allclose(outs[-1], expected, atol=1e-4)

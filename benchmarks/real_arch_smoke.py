@@ -204,7 +204,8 @@ def _kohya_lora(arch: str, meta: dict) -> dict:
     attn = re.compile(r"^(.*\.attentions\.\d+)\.transformer_blocks\.0\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
     found = [(n, m) for n, m in unet.named_modules() if isinstance(m, linear) and attn.match(n)]
     blocks = list(dict.fromkeys(attn.match(n)[1] for n, _ in found))
-    chosen = {next(b for b in blocks if b.startswith("down_blocks")), next(b for b in blocks if b.startswith("mid_block")),
+    chosen = {next(b for b in blocks if b.startswith("down_blocks")),
+              next(b for b in blocks if b.startswith("mid_block")),
               [b for b in blocks if b.startswith("up_blocks")][-1]}
     per_block = unet.config.layers_per_block + 1
     up_has_attention = {i: hasattr(b, "attentions") for i, b in enumerate(unet.up_blocks)}
@@ -531,16 +532,23 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
         r["lora_s"], out = session.after_change(lambda: session.send(f"/lora/{lora}", 0.8), version, limit * 3,
                                                 f"/lora/{lora} 0.8")
         r["lora_changed"] = _changed(base, out)
+        m = re.search(r"LoRA .* loaded from .*\((.*)\), weight 0", session.log())
+        r["lora_parts"] = m[1] if m else "?"
         out = timed_frames("spf_lora", 300)
-        version = out.state_version
+        base, version = out, out.state_version
         # A1111 prompt syntax with emphasis and BREAK (two 75-token chunks)
         r["prompt_s"], out = session.after_change(lambda: session.send("/prompt", PROMPT), version, limit,
                                                   "/prompt")
-        version = out.state_version
+        r["prompt_changed"] = _changed(base, out)
+        base, version = out, out.state_version
         # guidance with cfg_type self, atomically
         r["cfg_s"], out = session.after_change(
             lambda: session.send_bundle(("/cfg_type", "self"), ("/guidance_scale", 2.0)), version, limit,
             "/guidance_scale 2.0 + /cfg_type self")
+        r["cfg_changed"] = _changed(base, out)
+        for what in ("lora", "prompt", "cfg"):
+            if not r[f"{what}_changed"].startswith("yes"):
+                r["problems"].append(f"the {what} change did not change the output")
         out = timed_frames("spf_cfg", 100)
         r["out_std_end"] = float(out.pixels.std())
         time.sleep(0.5)  # telemetry of the last frames
@@ -563,6 +571,11 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
         if r["errors"]:
             r["problems"].append(f"{len(r['errors'])} error(s) on /sdbridge/error")
         r["log"] = session.log_path.read_text(errors="replace")
+        r["log_warnings"] = [ln.strip() for ln in r["log"].splitlines()
+                             if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln)]
+        if r["log_warnings"]:
+            r["problems"].append(f"{len(r['log_warnings'])} warning/error line(s) in the daemon log, first: "
+                                 f"{r['log_warnings'][0][:300]}")
     return r
 
 
@@ -582,8 +595,10 @@ def line(r: dict, size: int) -> str:
         f"load {_fmt(r.get('load_s'))} (to ready {_fmt(r.get('ready_s'))}; vae {r.get('vae', '-')})",
         f"{size}x{size} s/frame (wall/daemon-cpu/loadavg): plain {_spf(r, 'spf')}, lora {_spf(r, 'spf_lora')}, "
         f"lora+prompt+cfg self {_spf(r, 'spf_cfg')} (first frame {_fmt(r.get('first_frame_s'))})",
-        f"lora change->output {_fmt(r.get('lora_s'))} (output changed: {r.get('lora_changed', '-')})",
-        f"prompt->output {_fmt(r.get('prompt_s'))}, cfg->output {_fmt(r.get('cfg_s'))}",
+        f"lora change->output {_fmt(r.get('lora_s'))} (into {r.get('lora_parts', '-')}; output changed: "
+        f"{r.get('lora_changed', '-')})",
+        f"prompt->output {_fmt(r.get('prompt_s'))} (changed: {r.get('prompt_changed', '-')[:3]}), "
+        f"cfg->output {_fmt(r.get('cfg_s'))} (changed: {r.get('cfg_changed', '-')[:3]})",
         f"errors: {'; '.join(r.get('errors') or []) or 'none'}",
         f"output std {_fmt(r.get('out_std'), '.0f', '')}->{_fmt(r.get('out_std_end'), '.0f', '')}",
         f"peak anon RSS daemon {_fmt(r.get('daemon_peak_gb'), '.1f', ' GiB')}, "

@@ -242,7 +242,8 @@ class Daemon:
         t = self.telemetry
         t.send("status", self.status)
         t.send("state_version", self.store.version)
-        t.send("model", self.loop.stream.model.name if self.loop and self.loop.stream else self.model_name)
+        # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
+        t.send("model", self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model)
         if self.loop is not None:
             stats = self.loop.stats
             t.send("fps", float(stats.fps))

@@ -312,3 +312,13 @@ def test_warm_up_leaves_no_trace_in_the_frames_that_follow(stream, image):
         outs.append(fresh.render(image, tag=tag))
         tags.append(fresh.output_tag)
     assert tags == [1, 1, 1] and torch.allclose(outs[-1], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,batch,cfg", [("img2img", False, "full"), ("txt2img", False, "full"),
+                                            ("img2img", True, "full"), ("txt2img", True, "initialize"),
+                                            ("img2img", False, "initialize")])
+def test_the_negative_prompt_steers_wherever_a_negative_pass_runs(stream, batched, image, mode, batch, cfg):
+    s = batched if batch else stream
+    common = dict(mode=mode, steps=2, guidance_scale=3.0, cfg_type=cfg)
+    assert not torch.equal(render(s, image, negative_prompt="grey fog", **common),
+                           render(s, image, negative_prompt="bright colours", **common))

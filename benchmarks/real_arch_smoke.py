@@ -308,13 +308,13 @@ class Session:
 
         from bridge import shm
         from bridge.osc import free_udp_port
-        from tests.conftest import TelemetryListener
+        from tests.conftest import TelemetryListener, remove_segment
 
         self.arch, self.size = arch, size
         self.instance = f"smoke{arch}"
         self.name_in, self.name_out = shm.segment_names(self.instance)
         for name in (self.name_in, self.name_out):
-            _remove_segment(name)  # a leftover of a killed run
+            remove_segment(name)  # a leftover of a killed run
         self.osc_port = free_udp_port()
         self.telemetry = TelemetryListener(free_udp_port())
         self.argv = [*SDBRIDGE, "serve", "--model", f"{arch}_random", "--models-dir", str(workdir / "webui"),
@@ -415,6 +415,8 @@ class Session:
         return [" ".join(map(str, args)) for args in self.telemetry.values("/sdbridge/error")]
 
     def stop(self) -> int | None:
+        from tests.conftest import remove_segment
+
         for ring in (self.ring_in, self.ring_out):
             if ring is not None:
                 ring.close()
@@ -430,19 +432,8 @@ class Session:
         self.telemetry.close()
         self._log.close()
         for name in (self.name_in, self.name_out):
-            _remove_segment(name)
+            remove_segment(name)
         return self.proc.returncode
-
-
-def _remove_segment(name: str) -> None:
-    from bridge import shm
-
-    try:
-        ring = shm.Ring.attach(name)
-    except (FileNotFoundError, shm.RingError):
-        return
-    ring.close()
-    ring.unlink()
 
 
 def gradient(size: int, shift: int) -> np.ndarray:

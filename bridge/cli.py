@@ -44,7 +44,7 @@ def _flag_params() -> tuple[params.Param, ...]:
     return tuple(p for p in config.initial_params() if p.kind in _SCALARS)
 
 
-def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+def _add_setting(group: argparse._ActionsContainer, f: dataclasses.Field) -> None:
     kind = type(f.default)
     help_text = f"{f.metadata['doc']} (default: {f.default!r})".replace("%", "%%")
     if kind is tuple:  # a list: the flag repeats
@@ -97,13 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List what the models folders hold, by the names serve, /model, /vae "
                             "and <lora:...> take; checkpoints with their architecture, read from the file "
                             "header only.")
-    models.add_argument("--models-dir", dest="models_dir", action="append", default=None, metavar="DIR",
-                        help="an A1111 or ComfyUI install (or its models/ folder) or a folder of checkpoints; "
-                        "repeatable (default: models_dir from --config)")
+    for name in ("models_dir", "allow_pickle"):  # the same flags as serve's, from the same declarations
+        _add_setting(models, config.SETTING_FIELDS[name])
     models.add_argument("--config", metavar="FILE", help="TOML file whose models_dir and allow_pickle are used")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    models.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
-                        help="show pickle files as loadable (as serve --allow-pickle would load them)")
     return parser
 
 

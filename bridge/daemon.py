@@ -37,7 +37,7 @@ class Daemon:
                                     settings.output_origin)
         self.folders = ModelFolders(settings.models_dir)
         # fail fast, before anything is created
-        self.model_name = registry.resolve(settings.model, self.folders, allow_pickle=settings.allow_pickle)
+        registry.resolve(settings.model, self.folders, allow_pickle=settings.allow_pickle)
         self.device = registry.pick_device(settings.device)
         self.dtype = registry.pick_dtype(settings.dtype, self.device)
         self.styles = prompt_syntax.load_styles(settings.styles_file) if settings.styles_file else {}

@@ -202,9 +202,8 @@ class RenderLoop:
             log.info("%s %s loaded, but %s is asked for now; not used", kind, name, snap[kind])
             return snap
         if kind == "model":
-            old, (self.stream, vae) = self.stream, finished.result
+            self.stream, vae = finished.result  # the old stream's memory goes with its last reference
             self.serving = (name, vae)
-            del old
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.info("now serving model %s", name)

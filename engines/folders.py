@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .bundle import ModelError
-from .weights import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
+from .weights import WEIGHT_SUFFIXES, is_pickle
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +309,12 @@ class ModelFolders:
                 continue  # A1111's per-checkpoint VAE beside the checkpoint
             if kind == EMBEDDINGS and path.suffix.lower() == ".ckpt":
                 continue
-            yield Entry(rel_parent + stem, path, kind, path.suffix.lower() in PICKLE_SUFFIXES, _size(path), root)
+            yield Entry(rel_parent + stem, path, kind, is_pickle(path), _size(path), root)
         for name, files in pairs.items():
             # one entry per encoder+decoder pair; safetensors before pickles, the decoder names it
-            files.sort(key=lambda f: (f.suffix.lower() in PICKLE_SUFFIXES, "encoder" in f.name.lower()))
-            best_format = files[0].suffix.lower() in PICKLE_SUFFIXES
-            chosen = [f for f in files if (f.suffix.lower() in PICKLE_SUFFIXES) == best_format]
+            files.sort(key=lambda f: (is_pickle(f), "encoder" in f.name.lower()))
+            best_format = is_pickle(files[0])
+            chosen = [f for f in files if is_pickle(f) == best_format]
             yield Entry(name, chosen[0], kind, best_format, sum(_size(f) for f in chosen), root)
 
     @staticmethod

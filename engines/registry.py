@@ -27,7 +27,7 @@ from . import tiny
 from .autoencoder import Autoencoder
 from .bundle import SD15, SD21, SDXL, TINY_ARCH, TINY_XL_ARCH, XL_ARCHS, ModelBundle, ModelError
 from .folders import CHECKPOINTS, TAESD, VAE, Entry, ModelFolders
-from .weights import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, PickleRefused
+from .weights import WEIGHT_SUFFIXES, is_pickle, refuse_pickle
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,8 @@ def _find(name: str, folders: ModelFolders | None, *, from_network: bool, allow_
 def _check_path(path: Path, name: str, allow_pickle: bool) -> str:
     if path.is_dir():
         _check_folder(path)
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise PickleRefused(
-                f"model {name!r} is a pickle ({path.suffix}), which can run code when loaded; refused. Use a "
-                ".safetensors version of it, or start with --allow-pickle if you trust where it came from "
-                "(it is then read with torch.load(weights_only=True))")
+    elif is_pickle(path):
+        refuse_pickle(path, allow_pickle=allow_pickle, label=f"model {name!r}")
     elif path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ModelError(f"model {name!r} is a {path.suffix or 'suffix-less'} file; expected a diffusers model "
                          f"folder or a checkpoint file ({', '.join(WEIGHT_SUFFIXES)})")

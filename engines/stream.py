@@ -125,11 +125,23 @@ def _ease(fraction: float) -> float:
 
 @dataclass(frozen=True)
 class _Step:
-    timestep: torch.Tensor  # long scalar on the device
+    timestep: int
     sqrt_alpha: float  # sqrt(alphas_cumprod[t])
     sqrt_beta: float  # sqrt(1 - alphas_cumprod[t])
     c_skip: float
     c_out: float
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The constants of one UNet call's latents, each at its own step, as device tensors made once per
+    plan: the timesteps (b,) and the coefficients (b, 1, 1, 1), so a frame copies nothing to the device."""
+
+    timesteps: torch.Tensor
+    sqrt_alpha: torch.Tensor
+    sqrt_beta: torch.Tensor
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,8 @@ class _Plan:
     look: _Look
     cfg: str  # "none", "full", "self" or "initialize"
     steps: tuple[_Step, ...]
+    single: tuple[_Batch, ...]  # exact mode: one per step
+    batched: _Batch | None  # stream batch: all steps in one call
     latent_shape: tuple[int, int, int, int]
     time_ids: torch.Tensor | None  # SDXL size conditioning, (1, 6)
 
@@ -245,7 +259,9 @@ class Stream:
         latent_shape = (1, self.model.autoencoder.latent_channels, settings.height // factor,
                         settings.width // factor)
         look = self._look(settings, positive_texts, negative_text, cfg, latent_shape, max(1, len(timesteps)))
-        plan = _Plan(settings, look, cfg, tuple(self._step(t) for t in timesteps), latent_shape,
+        steps = tuple(self._step(t) for t in timesteps)
+        plan = _Plan(settings, look, cfg, steps, tuple(self._batch([step]) for step in steps),
+                     self._batch(steps) if self.stream_batch and len(steps) > 1 else None, latent_shape,
                      self._time_ids(settings) if self.model.xl else None)
         self._start_transition(previous, plan)
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
@@ -373,11 +389,17 @@ class Stream:
         scaled = t * self.timestep_scaling
         sigma_data = 0.5
         return _Step(
-            timestep=torch.tensor(t, dtype=torch.long, device=self.device),
-            sqrt_alpha=alpha ** 0.5, sqrt_beta=(1.0 - alpha) ** 0.5,
+            timestep=t, sqrt_alpha=alpha ** 0.5, sqrt_beta=(1.0 - alpha) ** 0.5,
             c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
             c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5,
         )
+
+    def _batch(self, steps: Sequence[_Step]) -> _Batch:
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
+        return _Batch(torch.tensor([s.timestep for s in steps], dtype=torch.long, device=self.device),
+                      column([s.sqrt_alpha for s in steps]), column([s.sqrt_beta for s in steps]),
+                      column([s.c_skip for s in steps]), column([s.c_out for s in steps]))
 
     def _seed_noise(self, seed: int, shape: tuple[int, ...], count: int) -> tuple[torch.Tensor, ...]:
         key = (seed, shape, count)
@@ -444,7 +466,7 @@ class Stream:
         latents = self._noised(clean, noise[0], plan.steps[0])
         residual = None
         for i, step in enumerate(plan.steps):
-            denoised, residual = self._denoise(latents, [step], [noise[i]], look, plan, first=i == 0,
+            denoised, residual = self._denoise(latents, plan.single[i], [noise[i]], look, plan, first=i == 0,
                                                residual=residual)
             if i + 1 < len(plan.steps):
                 latents = self._noised(denoised, noise[i + 1], plan.steps[i + 1])
@@ -467,7 +489,7 @@ class Stream:
             flight.noises = list(noise[1:n])
             flight.tags = [tag] * (n - 1)
         batch = torch.cat([new, *flight.latents])
-        denoised, _ = self._denoise(batch, list(steps), [noise[0], *flight.noises], look, plan, first=True,
+        denoised, _ = self._denoise(batch, plan.batched, [noise[0], *flight.noises], look, plan, first=True,
                                     residual=None)
         out = denoised[n - 1:n]
         self.output_tag = flight.tags[-1]
@@ -477,14 +499,14 @@ class Stream:
         self._flush = max(0, self._flush - 1)
         return out
 
-    def _denoise(self, latents: torch.Tensor, steps: list[_Step], injected: list[torch.Tensor], look: _Look,
+    def _denoise(self, latents: torch.Tensor, steps: _Batch, injected: list[torch.Tensor], look: _Look,
                  plan: _Plan, *, first: bool, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One consistency step for a batch of latents, each at its own step: the model's x0 estimate
         with LCM's boundary condition. `injected` is the noise each latent was made with (residual CFG
         estimates the negative prediction from it). Returns the estimates and, for cfg `initialize`,
         the residual its negative pass measured."""
         b = latents.shape[0]
-        timesteps = torch.stack([s.timestep for s in steps])
+        timesteps = steps.timesteps
         cond = look.positive
         cfg = plan.cfg
         run_negative = cfg == "full" or (cfg == "initialize" and first)
@@ -500,9 +522,7 @@ class Stream:
         if plan.time_ids is not None:
             added = {"text_embeds": pooled, "time_ids": plan.time_ids.expand(model_input.shape[0], -1)}
         out = self.model.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-        view = (b, 1, 1, 1)
-        sqrt_alpha = latents.new_tensor([s.sqrt_alpha for s in steps]).view(view)
-        sqrt_beta = latents.new_tensor([s.sqrt_beta for s in steps]).view(view)
+        sqrt_alpha, sqrt_beta = steps.sqrt_alpha, steps.sqrt_beta
         prediction = self.prediction_type
         if cfg in ("self", "initialize") and prediction != "epsilon":
             # residual CFG estimates the negative as noise, so guide in noise (epsilon) terms
@@ -532,9 +552,7 @@ class Stream:
             x0 = sqrt_alpha * latents - sqrt_beta * out
         else:  # "sample"
             x0 = out
-        c_out = latents.new_tensor([s.c_out for s in steps]).view(view)
-        c_skip = latents.new_tensor([s.c_skip for s in steps]).view(view)
-        return c_out * x0 + c_skip * latents, residual
+        return steps.c_out * x0 + steps.c_skip * latents, residual
 
 
 def _to_epsilon(out: torch.Tensor, latents: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_beta: torch.Tensor,

@@ -30,6 +30,17 @@ def is_pickle(path: Path) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
+def refuse_pickle(path: str | Path, *, allow_pickle: bool, label: str | None = None) -> None:
+    """PickleRefused for a pickle file unless pickles are allowed; `label` names it in the message
+    (default: the file name)."""
+    path = Path(path)
+    if is_pickle(path) and not allow_pickle:
+        raise PickleRefused(
+            f"{label or path.name} is a pickle ({path.suffix.lower()}), which can run code when loaded; refused. "
+            "Use a .safetensors version of it, or start with --allow-pickle if you trust where it came from "
+            "(it is then read with torch.load(weights_only=True))")
+
+
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a weight file, on the CPU. Raises PickleRefused or ModelError."""
     path = Path(path)
@@ -41,11 +52,7 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
         except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError
             raise ModelError(f"cannot read {path.name}: {e}") from e
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise PickleRefused(
-                f"{path.name} is a pickle ({suffix}), which can run code when loaded; refused. Use a "
-                ".safetensors version of it, or start with --allow-pickle if you trust where it came from "
-                "(it is then read with torch.load(weights_only=True))")
+        refuse_pickle(path, allow_pickle=allow_pickle)
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:

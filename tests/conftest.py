@@ -199,7 +199,7 @@ def daemon_factory():
     for d in started:
         d.stop()
         for name in (d.name_in, d.name_out):
-            _remove_segment(name)
+            remove_segment(name)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,8 @@ def daemon():
     d.stop()
 
 
-def _remove_segment(name: str) -> None:
+def remove_segment(name: str) -> None:
+    """Remove a ring left behind (by a killed daemon, say), if there is one."""
     try:
         ring = shm.Ring.attach(name)
     except (FileNotFoundError, shm.RingError):

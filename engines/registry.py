@@ -3,12 +3,13 @@ diffusers model folders and single-file checkpoints, and the autoencoder each on
 
 Nothing is ever downloaded. A model name is `tiny` / `tiny-xl`, a name that engines.folders finds
 among the checkpoints, or (from the config or the command line only, which the user controls) the
-path of a diffusers folder or a weight file. Names that arrive over the network never become paths.
+path of a diffusers folder or a weight file, or `random:<arch>`, a full-size architecture with random
+weights for benchmarks. Names that arrive over the network never become paths, nor random models.
 A folder that lacks a component, a pickle without --allow-pickle, a VAE for another latent space:
 each is refused with a message that says what to do.
 
 This module chooses; the formats are read by engines.checkpoints (single files, VAE and TAESD files)
-and by diffusers / transformers (diffusers folders).
+and by diffusers / transformers (diffusers folders), and engines.random_models builds the random models.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from . import tiny
+from . import random_models, tiny
 from .autoencoder import Autoencoder
 from .bundle import SD15, SD21, SDXL, TINY_ARCH, TINY_XL_ARCH, XL_ARCHS, ModelBundle, ModelError
 from .folders import CHECKPOINTS, TAESD, VAE, Entry, ModelFolders
@@ -68,6 +69,12 @@ def resolve(name: str, folders: ModelFolders | None = None, *, from_network: boo
 
 
 def _find(name: str, folders: ModelFolders | None, *, from_network: bool, allow_pickle: bool) -> _Found:
+    if random_models.is_random(name):
+        if from_network:  # a fader must not be able to allocate gigabytes of GPU memory for meaningless images
+            raise ModelError(f"model {name!r} is refused over the network: random models are full-size benchmarks "
+                             f"with random weights; start sdbridge with --model {name} to run one")
+        random_models.arch_of(name)  # ModelError naming the random models
+        return _Found(name, name)
     if name in BUILT_IN:
         return _Found(name, name)
     if not from_network:
@@ -144,6 +151,12 @@ def load(name: str, device: torch.device, dtype: torch.dtype, *, folders: ModelF
     """Load a model onto `device` in `dtype` with the autoencoder `vae` chooses (see load_autoencoder).
     Raises ModelError (PickleRefused for a pickle without allow_pickle) with an actionable message."""
     found = _find(name, folders, from_network=False, allow_pickle=allow_pickle)
+    if random_models.is_random(found.location):
+        bundle = random_models.build_bundle(random_models.arch_of(found.location), device, dtype,
+                                            full_vae=vae == OWN)
+        if vae not in VAE_CHOICES:
+            bundle.autoencoder = load_autoencoder(vae, bundle, folders, device, dtype, allow_pickle=allow_pickle)
+        return bundle
     if found.location in BUILT_IN:
         bundle = _built_in(found.location)
         if vae not in VAE_CHOICES:
@@ -173,10 +186,13 @@ def load_autoencoder(vae: str, model: ModelBundle, folders: ModelFolders | None,
     auto: a TAESD for the model's latent space if one is found (a diffusers model folder's own taesd/,
     else the folders' TAESD named taesd or taesdxl), else the model's own VAE. model: the model's own
     full VAE. taesd: a TAESD, or ModelError saying where to put one. Any other name: a VAE or TAESD from
-    the folders. The built-in test models have one autoencoder, their TAESD, for auto / model / taesd.
+    the folders. The built-in test models have one autoencoder, their TAESD, for auto / model / taesd; the
+    random models get a random TAESD for auto / taesd and their architecture's full VAE, random, for model.
     """
     if model.source in BUILT_IN and vae in VAE_CHOICES:
         return _on(tiny.build_autoencoder(), device, dtype)
+    if random_models.is_random(model.source) and vae in VAE_CHOICES:
+        return random_models.build_autoencoder(model.arch, device, dtype, full=vae == OWN)
     own = lambda: _own_vae(model, device, dtype, allow_pickle)  # noqa: E731
     return _choose(vae, model.arch, model.source, folders, device, dtype, allow_pickle, own,
                    latent_channels=int(model.unet.config.out_channels))

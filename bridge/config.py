@@ -34,8 +34,9 @@ def _setting(default: Any, doc: str, choices: tuple[str, ...] = (), metavar: str
 @dataclass(frozen=True)
 class Settings:
     model: str = _setting("tiny", "Model: `tiny` or `tiny-xl` (built-in test models), a name from the models "
-                          "folders (`sdbridge models` lists them), or the path of a diffusers model folder or a "
-                          ".safetensors checkpoint.")
+                          "folders (`sdbridge models` lists them), the path of a diffusers model folder or a "
+                          ".safetensors checkpoint, or `random:sd15`, `random:sd21` or `random:sdxl` (full-size "
+                          "architectures with random weights, for benchmarks: their images mean nothing).")
     models_dir: tuple[str, ...] = _setting(
         (), "Models folders: AUTOMATIC1111 or ComfyUI installs (or their models/ folders) or plain folders of "
         "checkpoints; several may be given (the flag repeats). Models, LoRAs, VAEs, TAESDs and embeddings are "
@@ -69,6 +70,15 @@ class Settings:
     device: str = _setting("auto", "Torch device: auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: str = _setting("auto", "Compute precision: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32.",
                           ("auto", "float16", "bfloat16", "float32"))
+    cuda_graph: str = _setting(
+        "auto", "Capture each frame's work as a CUDA graph and replay it (removes the CPU cost of launching "
+        "thousands of kernels per frame): auto (on with CUDA), on, off.", ("auto", "on", "off"))
+    compile: bool = _setting(
+        False, "Compile the UNet with torch.compile (max-autotune). The first frame of each shape then takes "
+        "a minute or more; the log says how long.")
+    channels_last: str = _setting(
+        "auto", "channels_last memory layout for the UNet and autoencoder (faster tensor-core convolutions): "
+        "auto (on with CUDA), on, off.", ("auto", "on", "off"))
     prompt_cache_size: int = _setting(64, "Prompt embeddings kept for instant recall.")
     log_level: str = _setting("info", "Log level.", ("debug", "info", "warning", "error"))
 

@@ -14,6 +14,7 @@ import time
 from typing import Any, Mapping
 
 from engines import prompt_syntax, registry
+from engines.backends import torch_backend
 from engines.bundle import ModelError
 from engines.folders import ModelFolders
 from engines.stream import Stream
@@ -40,6 +41,12 @@ class Daemon:
         registry.resolve(settings.model, self.folders, allow_pickle=settings.allow_pickle)
         self.device = registry.pick_device(settings.device)
         self.dtype = registry.pick_dtype(settings.dtype, self.device)
+        try:
+            self.fast_path = torch_backend.TorchOptions.resolve(
+                self.device, cuda_graph=settings.cuda_graph, compile=settings.compile,
+                channels_last=settings.channels_last)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         self.styles = prompt_syntax.load_styles(settings.styles_file) if settings.styles_file else {}
         self.name_in, self.name_out = shm.segment_names(settings.instance)
         self.ring_in: shm.Ring | None = None
@@ -152,23 +159,28 @@ class Daemon:
         model = registry.load(name, self.device, self.dtype, folders=self.folders, allow_pickle=s.allow_pickle,
                               vae=vae)
         if model.test_model:
-            log.warning("model %r is a test model with toy weights: its images mean nothing. "
-                        "Use --model NAME or PATH for pictures.", model.name)
+            log.warning("model %r is a test model with random or toy weights (for tests and benchmarks): its "
+                        "images mean nothing. Use --model NAME or PATH for pictures.", model.name)
         stream = Stream(model, self.device, self.dtype, s.prompt_cache_size, stream_batch=s.stream_batch,
                         styles=self.styles, embeddings=self.folders.embeddings(),
                         find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle,
                         report=self.report_error)
+        torch_backend.accelerate(stream, self.fast_path)
         try:
-            stream.warm_up(stream_settings(self.store.snapshot()))
+            stream.warm_up(stream_settings(self.store.snapshot()), self.output)
         except Exception as e:  # the state may not suit this model yet; the first frame will say why
             log.debug("warm-up frame failed: %s", e)
-        log.info("model %s (%s, %s) ready in %.1f s", model.name, model.arch, stream.model.autoencoder.name,
-                 time.monotonic() - started)
+        if self.fast_path.compile:
+            log.info("torch.compile and warm-up took %.1f s", stream.warm_up_s)
+        log.info("model %s (%s, %s) ready in %.1f s (%s)", model.name, model.arch, stream.model.autoencoder.name,
+                 time.monotonic() - started, self.fast_path.describe())
         return stream
 
     def _load_autoencoder(self, stream: Stream, vae: str) -> Any:
-        return registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
-                                         allow_pickle=self.settings.allow_pickle)
+        autoencoder = registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
+                                                allow_pickle=self.settings.allow_pickle)
+        torch_backend.prepare_module(autoencoder.module, self.fast_path)
+        return autoencoder
 
     def apply(self, changes: Mapping[str, Any]) -> int:
         """Apply a change set from the network: names are checked against the models folders first,

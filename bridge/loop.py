@@ -8,7 +8,12 @@ frame stops the loop: the error is reported and the stream carries on with the n
 
 Model and autoencoder switches (/model, /vae) load in the background while the current stream keeps
 serving; the new one is swapped in at a frame boundary, and a failed load leaves the current one
-serving and the state saying so.
+serving and the state saying so. Likewise a change that needs a prompt encoded or a LoRA file read is
+made ready on a worker (Stream.precompute) while frames keep coming with what is on screen.
+
+Per frame the loop stages the input on the device, launches the frame and, where the device computes
+asynchronously (CUDA), takes and uploads the next input before it waits for the output: the copies of
+frame N+1 overlap the compute of frame N, and the output's download is the frame's one host sync.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engines.frames import OutputFormat, to_client_pixels, to_model_image
+from engines.frames import OutputFormat, frame_difference
 from engines.stream import TXT2IMG, Stream, StreamSettings
 
 from . import params, shm
@@ -52,15 +57,17 @@ class Stats:
         self.window_s = window_s
         self.frames = 0
         self.skipped = 0
+        self.engine_s = 0.0  # total seconds in the engine's per-frame call (launch to download), for benchmarks
         self.latency_ms = 0.0
         self.status = LOADING
         self._written: deque[float] = deque()
         self._lock = threading.Lock()
 
-    def record(self, latency_ns: int) -> None:
+    def record(self, latency_ns: int, engine_s: float = 0.0) -> None:
         now = time.monotonic()
         with self._lock:
             self.frames += 1
+            self.engine_s += engine_s
             self.latency_ms = latency_ns / 1e6
             self._written.append(now)
             self._trim(now)
@@ -111,7 +118,15 @@ class RenderLoop:
         self._last_input: shm.Frame | None = None
         self._last_input_seq = 0
         self._rendered_version = 0
-        self._rendered_image: torch.Tensor | None = None
+        self._shown_version = 0  # the state version whose settings the stream is prepared with
+        self._precompute = BackgroundLoad("sdbridge-prepare")  # prompt encoding and LoRA reads
+        self._precomputed: StreamSettings | None = None  # settings the worker has made ready
+        self._rendered_raw: torch.Tensor | None = None  # the last rendered input, for the similarity filter
+        # Input frames are read into two buffers in turn, so that reading never allocates and a failed
+        # read never spoils the last good frame; one taken while the device computes waits in _staged.
+        self._input_buffers = [np.empty(ring_in.slot_capacity, np.uint8) for _ in range(2)]
+        self._unrendered = False  # an input was taken during the last frame and is not rendered yet
+        self._staged: tuple[int, torch.Tensor] | None = None  # (seq, its pixels on the device)
 
     def start(self) -> None:
         self._thread.start()
@@ -216,6 +231,8 @@ class RenderLoop:
             log.info("now using autoencoder %s", name)
         self._rendered_version = 0  # render the last input again with the new model or autoencoder
         self._refused_settings = None
+        self._precomputed = None
+        self._precompute.cancel()  # prompts for the old stream are not wanted
         return snap
 
     def _step(self) -> bool:
@@ -226,50 +243,84 @@ class RenderLoop:
             self._take_input()  # keep draining so that resuming starts from the newest frame
             return False
         self.stats.status = READY
-        new_input = self._take_input()
+        new_input = self._take_input() or self._unrendered
+        self._unrendered = False
         txt2img = snap["mode"] == TXT2IMG
         state_changed = snap.version != self._rendered_version
         stream = self.stream
         busy = stream.wants_frame
+        every_frame = txt2img and snap["seed"] < 0 and not snap["seeds"]  # new noise each frame
         if txt2img:
-            if not (state_changed or busy or (snap["seed"] < 0 and not snap["seeds"])):
+            if not (state_changed or busy or every_frame):
                 return False
         elif self._last_input is None or not (new_input or state_changed or busy):
             return False
 
-        # Whatever happens below, this state and input count as tried: a failure is retried with the
-        # next frame or state change, not in a busy loop.
-        self._rendered_version = snap.version
         settings = stream_settings(snap)
-        if settings != stream.settings and settings != self._refused_settings:
-            try:
-                stream.prepare(settings)
-            except Exception as e:  # a style or LoRA that cannot be used: say so, keep the last look
-                self._refused_settings = settings
-                self.report_error(f"settings not usable, still showing the previous ones: {type(e).__name__}: {e}")
+        if settings != stream.settings and settings != self._refused_settings and not self._prepare(stream, settings):
+            # New prompts or LoRA files are being made ready on a worker: until then frames keep coming
+            # with what is on screen, stamped with the version that made it.
+            if not (new_input or busy or every_frame) or stream.settings is None:
+                return False
+        else:
+            # Whatever happens below, this state and input count as tried: a failure is retried with the
+            # next frame or state change, not in a busy loop.
+            self._rendered_version = self._shown_version = snap.version
         if stream.settings is None:
             return True  # nothing usable to render with until the state changes
-        settings = stream.settings
-        frame = None if txt2img else self._last_input
-        image = None
+        frame = None if stream.settings.mode == TXT2IMG else self._last_input
+        if frame is None and stream.settings.mode != TXT2IMG:
+            return False  # img2img and no input yet
+        raw = None
         if frame is not None:
-            image = to_model_image(frame.pixels, bgr=frame.bgr, bottom_left=frame.bottom_left,
-                                   width=settings.width, height=settings.height,
-                                   device=stream.device, dtype=stream.dtype)
-            if not (state_changed or busy) and self._similar(image, snap["similarity_threshold"]):
+            staged, self._staged = self._staged, None
+            raw = staged[1] if staged is not None and staged[0] == frame.seq else stream.stage(frame.pixels)
+            threshold = snap["similarity_threshold"]
+            if not (state_changed or busy) and self._similar(raw, threshold):
                 self.stats.skipped += 1
                 return True
+            # the filter's reference: a copy, since staging buffers are reused
+            self._rendered_raw = raw.clone() if threshold > 0 else None
         started_ns = time.monotonic_ns()
-        result = stream.render(image, tag=frame)
-        pixels = to_client_pixels(result, self.output)
+        engine_started = time.perf_counter()
+        out = stream.launch(raw, self.output, bgr=frame is not None and frame.bgr,
+                            bottom_left=frame is not None and frame.bottom_left, tag=frame)
         frame = stream.output_tag  # stream batch: the output belongs to an earlier input
+        if stream.staging.asynchronous and stream.settings.mode != TXT2IMG and self._take_input():
+            # the device is still computing: take the next input and start its upload meanwhile
+            self._unrendered = True
+            self._staged = (self._last_input.seq, stream.stage(self._last_input.pixels))
+        pixels = stream.staging.download(out)
+        engine_s = time.perf_counter() - engine_started
         source_ns = frame.source_ns if frame is not None else started_ns
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
-                            source_ns=source_ns, state_version=snap.version)
+                            source_ns=source_ns, state_version=self._shown_version)
         # Telemetry latency: from the frame's source for a new frame; a re-render of an old frame for
         # a state change counts from the change, not from when that frame was first written.
-        self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns))
-        self._rendered_image = image
+        self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns), engine_s)
+        return True
+
+    def _prepare(self, stream: Stream, settings: StreamSettings) -> bool:
+        """Prepare the stream for `settings` now if that is quick, else hand the slow part (prompt
+        encoding, LoRA files) to the worker and return False; the next frame after it finishes
+        prepares quickly. A refusal is reported and leaves the previous settings on screen."""
+        finished = self._precompute.take()
+        if finished is not None and finished.key[0] == id(stream):  # an id: a key must not keep a stream alive
+            self._precomputed = finished.key[1]
+        try:
+            slow = settings != self._precomputed and stream.slow_to_prepare(settings)
+        except Exception:  # an unknown style, say: prepare below says what is wrong
+            slow = False
+        if slow:
+            if self._precompute.pending != (id(stream), settings):
+                self._precompute.submit((id(stream), settings), lambda: stream.precompute(settings))
+            return False
+        self._precomputed = None
+        try:
+            stream.prepare(settings)
+        except Exception as e:  # a style or LoRA that cannot be used: say so, keep the last look
+            self._refused_settings = settings
+            self.report_error(f"settings not usable, still showing the previous ones: {type(e).__name__}: {e}")
         return True
 
     def _take_input(self) -> bool:
@@ -277,7 +328,10 @@ class RenderLoop:
         if self.ring_in.write_seq < self._last_input_seq:
             self._last_input_seq = 0  # the client started counting again (a new ring writer)
         try:
-            frame = self.ring_in.read_latest(after_seq=self._last_input_seq)
+            last = self._last_input
+            busy_buffer = last is not None and np.may_share_memory(last.pixels, self._input_buffers[0])
+            into = self._input_buffers[1 if busy_buffer else 0]
+            frame = self.ring_in.read_latest(after_seq=self._last_input_seq, into=into)
         except shm.RingError as e:
             self._last_input_seq = self.ring_in.write_seq  # skip the bad frame, do not report it again
             self.report_error(f"input frame refused: {e}")
@@ -292,12 +346,13 @@ class RenderLoop:
         self._last_input_seq = frame.seq
         return True
 
-    def _similar(self, image: torch.Tensor, threshold: float) -> bool:
-        previous = self._rendered_image
-        if threshold <= 0 or previous is None or previous.shape != image.shape:
+    def _similar(self, raw: torch.Tensor, threshold: float) -> bool:
+        """True if this frame differs from the last rendered one by less than `threshold` (a fraction of
+        full scale, on average); never when the filter is off (threshold 0)."""
+        previous = self._rendered_raw
+        if threshold <= 0 or previous is None:
             return False
-        # images are in [-1, 1]: half the mean absolute difference is the fraction of full scale
-        return float((image - previous).abs().mean()) / 2 < threshold
+        return frame_difference(raw, previous) < threshold
 
 
 def output_format(dtype: str, channels: int, order: str, origin: str) -> OutputFormat:

@@ -286,12 +286,18 @@ class Ring:
         _U64.pack_into(buf, _WRITE_SEQ, seq)
         return seq
 
-    def read_latest(self, after_seq: int = 0) -> Frame | None:
+    def read_latest(self, after_seq: int = 0, into: np.ndarray | None = None) -> Frame | None:
         """The newest complete frame if its seq is above `after_seq`, else None.
+
+        The pixels are a fresh copy, or with `into` (a writable byte array of at least slot_capacity
+        bytes) a view on it, so that a reader at full frame rate allocates nothing per frame; `into` is
+        written even when the read then fails.
 
         Raises RingError for a slot whose fields break the protocol (a bad writer); returns None if
         the writer keeps overwriting the slot faster than it can be copied.
         """
+        if into is not None and (into.dtype != np.uint8 or into.nbytes < self.slot_capacity):
+            raise ValueError(f"into must be a uint8 array of at least {self.slot_capacity} bytes")
         buf = self._buf
         for _ in range(_READ_ATTEMPTS):
             write_seq = _U64.unpack_from(buf, _WRITE_SEQ)[0]
@@ -311,8 +317,13 @@ class Ring:
                     continue  # a header torn by a concurrent write, not a bad writer: read again
                 raise RingError(f"ring {self.name!r}: {problem}")
             dtype = DTYPE_CODES[code]
-            pixels = np.ndarray((height, width, channels), dtype=dtype, buffer=buf,
-                                offset=off + SLOT_HEADER_SIZE).copy()
+            source = np.ndarray((height, width, channels), dtype=dtype, buffer=buf, offset=off + SLOT_HEADER_SIZE)
+            if into is None:
+                pixels = source.copy()
+            else:
+                pixels = into.reshape(-1)[:source.nbytes].view(dtype).reshape(source.shape)
+                np.copyto(pixels, source)
+            del source  # no view may outlive the read: the segment could not be closed
             if (_U64.unpack_from(buf, off + _SLOT_SEQ)[0] == write_seq
                     and _U64.unpack_from(buf, off + _SLOT_SEQ_END)[0] == write_seq):
                 return Frame(seq, width, height, channels, code, flags, frame_id, source_ns, written_ns,

@@ -97,8 +97,24 @@ class LoraSet:
     def weights(self) -> dict[str, float]:
         return {name: lora.weight for name, lora in self._loras.items()}
 
-    def load(self, name: str, path: Path, *, allow_pickle: bool = False) -> None:
-        """Read the LoRA file at `path` and put it into the model as `name`, at weight 0.
+    @staticmethod
+    def read(name: str, path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of the LoRA file at `path`: the slow, disk-bound half of `load`, which touches
+        no model and so may run on a worker thread. Raises LoraError or PickleRefused."""
+        path = Path(path)
+        if not path.is_file():
+            raise LoraError(f"LoRA {name!r}: file {path} not found")
+        try:
+            return read_state_dict(path, allow_pickle=allow_pickle)
+        except PickleRefused:
+            raise
+        except ModelError as e:
+            raise LoraError(f"LoRA {name!r}: {e}") from e
+
+    def load(self, name: str, path: Path, *, allow_pickle: bool = False,
+             tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Read the LoRA file at `path` (unless `tensors` holds what `read` gave) and put it into the
+        model as `name`, at weight 0.
 
         Raises LoraError (file missing or unreadable, not a LoRA, made for another architecture) or
         PickleRefused; either way the model is left as it was.
@@ -107,14 +123,7 @@ class LoraSet:
             raise LoraError(f"a LoRA named {name!r} is already loaded (from {self._loras[name].path.name}); "
                             "unload it first or give this one another name")
         path = Path(path)
-        if not path.is_file():
-            raise LoraError(f"LoRA {name!r}: file {path} not found")
-        try:
-            raw = read_state_dict(path, allow_pickle=allow_pickle)
-        except PickleRefused:
-            raise
-        except ModelError as e:
-            raise LoraError(f"LoRA {name!r}: {e}") from e
+        raw = tensors if tensors is not None else self.read(name, path, allow_pickle=allow_pickle)
         state_dict, alphas = self._to_diffusers_format(name, path, raw)
         parts = self._check_fits(name, state_dict)
         metadata = None if alphas else _adapter_metadata(path)

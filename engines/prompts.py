@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,9 @@ class PromptEncoder:
         self.cache_size = max(1, cache_size)
         self.allow_pickle = allow_pickle
         self._cache: OrderedDict[tuple[str, int], Conditioning] = OrderedDict()
+        self._lock = threading.Lock()  # the cache
+        self._encoding = threading.Lock()  # the text encoders
+        self._generation = 0  # grows with each clear()
         # the CLIP tokenizer lowercases, so A1111 finds embedding names in any case; so do we
         self._embedding_files = {name.lower(): Path(path) for name, path in (embeddings or {}).items()}
         self._embedding_ids: dict[str, tuple[tuple[int, ...], ...]] = {}  # loaded: name -> ids per encoder
@@ -113,23 +117,38 @@ class PromptEncoder:
 
     # -------------------------------------------------------------------------------------- public
     def encode(self, text: str, clip_skip: int = 1) -> Conditioning:
-        """The conditioning of an A1111 prompt. clip_skip counts as in A1111: 1 is the last layer."""
+        """The conditioning of an A1111 prompt. clip_skip counts as in A1111: 1 is the last layer.
+
+        Thread-safe: a worker may encode new prompts while the render thread reads cached ones; two
+        encodings never run at once (they share the text encoders' embedding tables)."""
         if clip_skip < 1:
             raise ValueError(f"clip_skip {clip_skip}: it counts from 1 (the last layer)")
         key = (text, clip_skip)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        conditioning = self._encode(text, clip_skip)
-        self._cache[key] = conditioning
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            generation = self._generation
+        with self._encoding:
+            conditioning = self._encode(text, clip_skip)
+        with self._lock:
+            if generation == self._generation:  # not made stale by a clear() while it was encoded
+                self._cache[key] = conditioning
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return conditioning
+
+    def cached(self, text: str, clip_skip: int = 1) -> bool:
+        """True if `encode(text, clip_skip)` would return at once."""
+        with self._lock:
+            return (text, clip_skip) in self._cache
 
     def clear(self) -> None:
         """Forget every cached encoding (the text encoders' weights changed, e.g. a LoRA weight)."""
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
+            self._generation += 1
 
     def pad_to_match(self, a: Conditioning, b: Conditioning, clip_skip: int = 1
                      ) -> tuple[Conditioning, Conditioning]:

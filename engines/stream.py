@@ -32,16 +32,20 @@ the default exact mode every frame runs all its steps before the next frame: no 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from . import prompt_syntax
 from .bundle import ModelBundle
+from .frames import OutputFormat, Staging, client_pixels, model_image
 from .prompts import Conditioning, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -132,8 +136,7 @@ class _Step:
     c_out: float
 
 
-@dataclass(frozen=True)
-class _Batch:
+class _Batch(NamedTuple):
     """The constants of one UNet call's latents, each at its own step, as device tensors made once per
     plan: the timesteps (b,) and the coefficients (b, 1, 1, 1), so a frame copies nothing to the device."""
 
@@ -163,6 +166,8 @@ class _Plan:
     batched: _Batch | None  # stream batch: all steps in one call
     latent_shape: tuple[int, int, int, int]
     time_ids: torch.Tensor | None  # SDXL size conditioning, (1, 6)
+    guidance: torch.Tensor  # guidance_scale and delta as 0-dim device tensors: live values a graph reads
+    delta: torch.Tensor
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Stream:
         self.loras = None  # engines.lora.LoraSet, made when the first LoRA is asked for
         self._lora_files: dict[str, str | None] = {}  # a LoRA name to its file (None: unusable)
         self._unusable_loras: dict[str, str] = {}  # files that failed to load, with why
+        self._lora_reads: dict[str, dict] = {}  # LoRA files read ahead by precompute, not yet loaded
         config = model.scheduler.config
         self.prediction_type = config.prediction_type
         self.timestep_scaling = float(getattr(config, "timestep_scaling", 10.0))
@@ -214,6 +220,10 @@ class Stream:
         self._in_flight = _InFlight()
         self._flush = 0  # stream batch: renders until the frames in flight are all of the current plan
         self.output_tag: Any = None  # the tag of the input the last rendered output belongs to
+        self.staging = Staging(device)
+        self.warm_up_s = 0.0  # how long warm_up took
+        # The per-frame call as CUDA graphs (engines.backends.torch_backend sets this); None: eager
+        self.graphs: Callable[[_Shape, _Frame], tuple] | None = None
 
     @property
     def settings(self) -> StreamSettings | None:
@@ -225,24 +235,82 @@ class Stream:
         easing in, or (stream batch) frames started with older settings are still in flight."""
         return self._transition is not None or (bool(self._in_flight.latents) and self._flush > 0)
 
-    def warm_up(self, settings: StreamSettings) -> None:
-        """Render one throw-away frame so that the first real one is not slow: the first call of a
-        model pays for kernel selection and memory set-up (seconds on some machines)."""
+    def warm_up(self, settings: StreamSettings, output: OutputFormat | None = None) -> None:
+        """Render throw-away frames so that the first real one is not slow: the first call of a model
+        pays for kernel selection, memory set-up and (with torch.compile) compilation; with `output`,
+        frames go through the whole per-frame call twice, so that its CUDA graph is captured too.
+        `warm_up_s` says how long it took (torch.compile's compilation is most of it when it is on)."""
+        started = time.perf_counter()
         self.prepare(settings)
-        grey = None if settings.mode == TXT2IMG else torch.zeros(1, 3, settings.height, settings.width,
-                                                                 device=self.device, dtype=self.dtype)
-        self.render(grey)
+        if output is None:
+            grey = None if settings.mode == TXT2IMG else torch.zeros(1, 3, settings.height, settings.width,
+                                                                     device=self.device, dtype=self.dtype)
+            self.render(grey)
+        else:
+            pixels = np.full((settings.height, settings.width, 4), 128, dtype=np.uint8)
+            for _ in range(2):
+                self.render_pixels(pixels, output)
         self._shown, self._transition, self._in_flight = None, None, _InFlight()
+        self.warm_up_s = time.perf_counter() - started
 
     def set_autoencoder(self, autoencoder) -> None:
         """Swap the autoencoder (a /vae change); the next frame prepares again with it."""
         self.model.autoencoder = autoencoder
+        self._forget_graphs()
         self._plan = None
         self._transition = None
         self._shown = None
         self._in_flight = _InFlight()
 
+    def _forget_graphs(self) -> None:
+        clear = getattr(self.graphs, "clear", None)
+        if clear is not None:
+            clear()
+
     # ------------------------------------------------------------------ prepare (slow, per change)
+    def slow_to_prepare(self, settings: StreamSettings) -> bool:
+        """True if `prepare(settings)` would encode a prompt or read a LoRA file: work to hand to
+        `precompute` on a worker thread first, so that the render thread never waits for it."""
+        texts = self._texts_to_encode(settings)
+        if any(not self.prompts.cached(text, settings.clip_skip) for text in texts):
+            return True
+        loaded = self.loras.loaded if self.loras is not None else ()
+        return any(weight and key not in loaded and key not in self._unusable_loras and key not in self._lora_reads
+                   for key, weight in self._lora_weights(settings, texts).items())
+
+    def precompute(self, settings: StreamSettings) -> None:
+        """The slow half of `prepare(settings)`, safe on a worker thread while the render thread renders:
+        encode the prompts into the cache (on a CUDA stream of its own) and read new LoRA files. It
+        changes no module, so the frame being rendered is unaffected; `prepare` then finds all ready."""
+        texts = self._texts_to_encode(settings)
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            encoded = [self.prompts.encode(text, settings.clip_skip) for text in texts]
+        if side is not None:
+            side.synchronize()  # the embeddings are complete before the render thread can use them
+            render_stream = torch.cuda.default_stream(self.device)
+            for conditioning in encoded:  # and their memory is not reused while that stream may read it
+                for tensor in (conditioning.embeddings, conditioning.pooled):
+                    if tensor is not None:
+                        tensor.record_stream(render_stream)
+        from .lora import LoraSet
+        loaded = self.loras.loaded if self.loras is not None else ()
+        for key, weight in self._lora_weights(settings, texts).items():
+            if weight and key not in loaded and key not in self._lora_reads and key not in self._unusable_loras:
+                try:
+                    self._lora_reads[key] = LoraSet.read(Path(key).name, Path(key), allow_pickle=self.allow_pickle)
+                except Exception as e:  # prepare reports it when it tries again on the render thread
+                    log.debug("LoRA %s could not be read ahead: %s", key, e)
+
+    def _texts_to_encode(self, settings: StreamSettings) -> list[str]:
+        """The prompts `prepare(settings)` encodes: the positive ones, and with a negative pass the
+        negative one and the empty prompt that pads the shorter of the two."""
+        positive, negative = self._texts(settings)
+        texts = [text for text, _ in positive]
+        if settings.guidance_scale > 1.0 and settings.cfg_type in ("full", "initialize"):
+            texts += [negative, ""]
+        return texts
+
     def prepare(self, settings: StreamSettings) -> None:
         """Precompute everything `render` needs for `settings`; cheap when little changed."""
         factor = self.model.autoencoder.spatial_factor
@@ -262,7 +330,8 @@ class Stream:
         steps = tuple(self._step(t) for t in timesteps)
         plan = _Plan(settings, look, cfg, steps, tuple(self._batch([step]) for step in steps),
                      self._batch(steps) if self.stream_batch and len(steps) > 1 else None, latent_shape,
-                     self._time_ids(settings) if self.model.xl else None)
+                     self._time_ids(settings) if self.model.xl else None,
+                     self._scalar(settings.guidance_scale), self._scalar(settings.delta))
         self._start_transition(previous, plan)
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
                 (plan.steps, plan.latent_shape, plan.settings.mode):
@@ -294,11 +363,7 @@ class Stream:
         LoRAs are keyed by their file, so two spellings of one name are one LoRA. A LoRA that cannot
         be found or loaded (a typo in a tag, one made for another model family) is reported once and
         left out, as A1111 does; the rest of the change applies."""
-        weights: dict[str, float] = {}
-        for name, weight in [*settings.loras, *(t for text in texts for t in prompt_syntax.parse(text).loras)]:
-            key = self._lora_key(name)
-            if key is not None:
-                weights[key] = weight
+        weights = self._lora_weights(settings, texts)
         if self.loras is None:
             if not any(weights.values()):
                 return
@@ -307,13 +372,27 @@ class Stream:
         for key, weight in weights.items():
             if weight and key not in self.loras.loaded and key not in self._unusable_loras:
                 try:
-                    self.loras.load(key, Path(key), allow_pickle=self.allow_pickle)
+                    self.loras.load(key, Path(key), allow_pickle=self.allow_pickle,
+                                    tensors=self._lora_reads.pop(key, None))
                 except Exception as e:
                     self._unusable_loras[key] = str(e)
                     self.report(f"LoRA {Path(key).name} left out: {e}")
+        before = (self.loras.loaded, self.loras.weights)
         current = {key: weights.get(key, 0.0) for key in self.loras.loaded}
         if self.loras.set_weights(current):
             self.prompts.clear()  # the text encoders changed: cached embeddings are stale
+        if (self.loras.loaded, self.loras.weights) != before:
+            # new LoRA layers, or scales that are Python numbers inside them: a graph froze the old ones
+            self._forget_graphs()
+
+    def _lora_weights(self, settings: StreamSettings, texts: Sequence[str]) -> dict[str, float]:
+        """The weight of each usable LoRA file the settings name, tags in the prompts last."""
+        weights: dict[str, float] = {}
+        for name, weight in [*settings.loras, *(t for text in texts for t in prompt_syntax.parse(text).loras)]:
+            key = self._lora_key(name)
+            if key is not None:
+                weights[key] = weight
+        return weights
 
     def _lora_key(self, name: str) -> str | None:
         """The file a LoRA name stands for, or None (reported once) if it cannot be used."""
@@ -394,6 +473,9 @@ class Stream:
             c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5,
         )
 
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=self.dtype, device=self.device)
+
     def _batch(self, steps: Sequence[_Step]) -> _Batch:
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
@@ -414,10 +496,42 @@ class Stream:
         return hit
 
     # ------------------------------------------------------------------ render (per frame)
+    def stage(self, pixels: np.ndarray) -> torch.Tensor:
+        """Client pixels (H, W, C) onto the device, unconverted (the conversion is part of the frame).
+        On CUDA through a pinned host buffer with a non-blocking copy; the result is reused by the call
+        after next, so at most two staged frames are alive at once."""
+        return self.staging.upload(pixels)
+
+    def render_pixels(self, pixels: np.ndarray | torch.Tensor | None, output: OutputFormat, *, bgr: bool = False,
+                      bottom_left: bool = False, tag: Any = None) -> np.ndarray:
+        """The whole per-frame call: client pixels (H, W, C, on the host or already staged; None in
+        txt2img) to output pixels on the host in the client format `output`. Benchmarks time this as
+        the bare engine. The array returned is reused by the call after next: copy it to keep it."""
+        return self.staging.download(self.launch(pixels, output, bgr=bgr, bottom_left=bottom_left, tag=tag))
+
+    def launch(self, pixels: np.ndarray | torch.Tensor | None, output: OutputFormat, *, bgr: bool = False,
+               bottom_left: bool = False, tag: Any = None) -> torch.Tensor:
+        """`render_pixels` without the wait: the output pixels on the device, still being computed on
+        CUDA; `staging.download` fetches them. The render loop stages the next input meanwhile."""
+        settings = self.settings
+        if settings is None:
+            raise RuntimeError("Stream.prepare() must run before render_pixels()")
+        raw = None
+        if pixels is not None and settings.mode != TXT2IMG:
+            raw = pixels if isinstance(pixels, torch.Tensor) else self.stage(pixels)
+        with torch.inference_mode():
+            return self._render(raw, _PIXELS, (bgr, bottom_left), output, tag)
+
     @torch.inference_mode()
     def render(self, image: torch.Tensor | None, tag: Any = None) -> torch.Tensor:
         """One frame: a (1, 3, H, W) image in [-1, 1] (None for txt2img) to a (1, 3, H, W) image in
         [0, 1]. `tag` travels with the frame; `output_tag` is the tag of the frame the output shows."""
+        return self._render(image, _IMAGE, (), None, tag)
+
+    def _render(self, source: torch.Tensor | None, kind: str, pixel_format: tuple, output: OutputFormat | None,
+                tag: Any) -> torch.Tensor:
+        """Decide on the host what this frame is (its shape and its tensors), then run the tensor work:
+        eagerly, or as a CUDA graph replay when `self.graphs` is set (engines.backends.torch_backend)."""
         plan = self._plan
         if plan is None:
             raise RuntimeError("Stream.prepare() must run before render()")
@@ -425,21 +539,32 @@ class Stream:
         noise = look.noise or tuple(torch.randn(plan.latent_shape, device=self.device, dtype=self.dtype)
                                     for _ in range(max(1, len(plan.steps))))  # seed -1: fresh, uncached
         if plan.settings.mode == TXT2IMG:
-            clean = None
+            source, kind = None, _NONE
+        elif source is None:
+            raise ValueError("img2img needs an input image")
+        n = len(plan.steps)
+        batched = self.stream_batch and n > 1
+        flight = self._in_flight
+        start_up = batched and not flight.latents
+        shape = _Shape(kind, pixel_format, plan.settings.width, plan.settings.height, n, plan.cfg, batched, start_up,
+                       output)
+        negative = look.negative
+        frame = _Frame(source, look.positive.embeddings, look.positive.pooled,
+                       negative.embeddings if negative is not None else None,
+                       negative.pooled if negative is not None else None, noise, plan.single, plan.batched,
+                       plan.guidance, plan.delta, plan.time_ids, tuple(flight.latents), tuple(flight.noises))
+        # Graphs for the whole per-frame call only (client pixels out, consumed before the next replay);
+        # the start-up frame of a stream batch happens once per schedule: not worth a graph.
+        run = self.graphs if self.graphs is not None and output is not None and not start_up else self._frame
+        out, latents, noises = run(shape, frame)
+        if batched:
+            tags = [tag] * (n - 1) if start_up else flight.tags
+            self.output_tag = tags[-1]
+            flight.latents, flight.noises, flight.tags = list(latents), list(noises), [tag, *tags[:-1]]
+            self._flush = max(0, self._flush - 1)
         else:
-            if image is None:
-                raise ValueError("img2img needs an input image")
-            clean = self.model.autoencoder.encode(image)
-        if not plan.steps:  # strength 0: the input through the autoencoder
-            latents = clean
             self.output_tag = tag
-        elif self.stream_batch and len(plan.steps) > 1:
-            latents = self._denoise_in_flight(clean, noise, look, plan, tag)
-        else:
-            latents = self._denoise_frame(clean, noise, look, plan)
-            self.output_tag = tag
-        decoded = self.model.autoencoder.decode(latents)
-        return (decoded / 2 + 0.5).clamp(0, 1)
+        return out
 
     def _current_look(self, plan: _Plan) -> _Look:
         transition = self._transition
@@ -454,73 +579,91 @@ class Stream:
         self._shown = look
         return look
 
-    def _noised(self, clean: torch.Tensor | None, noise: torch.Tensor, step: _Step) -> torch.Tensor:
+    # ------------------------------------------------------------------ the frame's tensor work
+    def _frame(self, shape: "_Shape", f: "_Frame") -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """One frame, source to output, as a pure function of the tensors in `f` given `shape`: nothing
+        here reads the plan or the settings, so a CUDA graph of it replays right with new values.
+        Returns the output and (stream batch) the latents and noises now in flight."""
+        image = f.source
+        if shape.source == _PIXELS:
+            bgr, bottom_left = shape.pixel_format
+            image = model_image(image, bgr=bgr, bottom_left=bottom_left, width=shape.width, height=shape.height,
+                                dtype=self.dtype)
+        clean = None if image is None else self.model.autoencoder.encode(image)
+        flight: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ())
+        if shape.steps == 0:  # strength 0: the input through the autoencoder
+            latents = clean
+        elif shape.batched:
+            latents, flight = self._denoise_in_flight(clean, f, shape)
+        else:
+            latents = self._denoise_frame(clean, f, shape)
+        out = (self.model.autoencoder.decode(latents) / 2 + 0.5).clamp(0, 1)
+        if shape.output is not None:
+            out = client_pixels(out, shape.output)
+        return out, *flight
+
+    @staticmethod
+    def _noised(clean: torch.Tensor | None, noise: torch.Tensor, step: _Batch) -> torch.Tensor:
         """The latent at `step`'s timestep: the clean latent with the step's noise, or pure noise."""
         if clean is None:
             return noise  # txt2img: the first step is at t = 999, where the latent is all noise
         return step.sqrt_alpha * clean + step.sqrt_beta * noise
 
-    def _denoise_frame(self, clean: torch.Tensor | None, noise: tuple[torch.Tensor, ...], look: _Look,
-                       plan: _Plan) -> torch.Tensor:
+    def _denoise_frame(self, clean: torch.Tensor | None, f: "_Frame", shape: "_Shape") -> torch.Tensor:
         """Exact mode: all steps of this frame, one after the other."""
-        latents = self._noised(clean, noise[0], plan.steps[0])
+        latents = self._noised(clean, f.noise[0], f.single[0])
         residual = None
-        for i, step in enumerate(plan.steps):
-            denoised, residual = self._denoise(latents, plan.single[i], [noise[i]], look, plan, first=i == 0,
+        for i in range(shape.steps):
+            denoised, residual = self._denoise(latents, f.single[i], [f.noise[i]], f, shape, first=i == 0,
                                                residual=residual)
-            if i + 1 < len(plan.steps):
-                latents = self._noised(denoised, noise[i + 1], plan.steps[i + 1])
+            if i + 1 < shape.steps:
+                latents = self._noised(denoised, f.noise[i + 1], f.single[i + 1])
             else:
                 latents = denoised
         return latents
 
-    def _denoise_in_flight(self, clean: torch.Tensor | None, noise: tuple[torch.Tensor, ...], look: _Look,
-                           plan: _Plan, tag: Any) -> torch.Tensor:
+    def _denoise_in_flight(self, clean: torch.Tensor | None, f: "_Frame", shape: "_Shape"
+                           ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """Stream batch: the new frame at the first step and the older frames at their later steps, in
-        one UNet call; returns the oldest frame, now fully denoised."""
-        steps, n = plan.steps, len(plan.steps)
-        flight = self._in_flight
-        new = self._noised(clean, noise[0], steps[0])
-        if not flight.latents:
-            # Start-up: pretend the earlier frames were this one, so the first outputs are real images
-            # rather than the noise a zero-filled pipeline would show.
-            start = clean if clean is not None else noise[0]
-            flight.latents = [self._noised(start, noise[j], steps[j]) for j in range(1, n)]
-            flight.noises = list(noise[1:n])
-            flight.tags = [tag] * (n - 1)
-        batch = torch.cat([new, *flight.latents])
-        denoised, _ = self._denoise(batch, plan.batched, [noise[0], *flight.noises], look, plan, first=True,
+        one UNet call; returns the oldest frame, now fully denoised, and the frames still in flight."""
+        n = shape.steps
+        new = self._noised(clean, f.noise[0], f.single[0])
+        flight_latents, flight_noises = f.flight_latents, f.flight_noises
+        if shape.start_up:
+            # Pretend the earlier frames were this one, so the first outputs are real images rather than
+            # the noise a zero-filled pipeline would show.
+            start = clean if clean is not None else f.noise[0]
+            flight_latents = tuple(self._noised(start, f.noise[j], f.single[j]) for j in range(1, n))
+            flight_noises = tuple(f.noise[1:n])
+        batch = torch.cat([new, *flight_latents])
+        denoised, _ = self._denoise(batch, f.batched, [f.noise[0], *flight_noises], f, shape, first=True,
                                     residual=None)
-        out = denoised[n - 1:n]
-        self.output_tag = flight.tags[-1]
-        flight.latents = [self._noised(denoised[j:j + 1], noise[j + 1], steps[j + 1]) for j in range(n - 1)]
-        flight.noises = list(noise[1:n])
-        flight.tags = [tag, *flight.tags[:-1]]
-        self._flush = max(0, self._flush - 1)
-        return out
+        latents = tuple(self._noised(denoised[j:j + 1], f.noise[j + 1], f.single[j + 1]) for j in range(n - 1))
+        # copies: in a CUDA graph f.noise is a static buffer that the next frame overwrites
+        noises = tuple(noise.clone() for noise in f.noise[1:n])
+        return denoised[n - 1:n], (latents, noises)
 
-    def _denoise(self, latents: torch.Tensor, steps: _Batch, injected: list[torch.Tensor], look: _Look,
-                 plan: _Plan, *, first: bool, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _denoise(self, latents: torch.Tensor, steps: _Batch, injected: list[torch.Tensor], f: "_Frame",
+                 shape: "_Shape", *, first: bool, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One consistency step for a batch of latents, each at its own step: the model's x0 estimate
         with LCM's boundary condition. `injected` is the noise each latent was made with (residual CFG
         estimates the negative prediction from it). Returns the estimates and, for cfg `initialize`,
         the residual its negative pass measured."""
         b = latents.shape[0]
         timesteps = steps.timesteps
-        cond = look.positive
-        cfg = plan.cfg
+        cfg = shape.cfg
         run_negative = cfg == "full" or (cfg == "initialize" and first)
-        model_input, embeds, pooled, times = latents, _repeat(cond.embeddings, b), _repeat(cond.pooled, b), timesteps
+        model_input, embeds, pooled, times = latents, _repeat(f.positive, b), _repeat(f.positive_pooled, b), timesteps
         if run_negative:
             negatives = b if cfg == "full" else 1  # initialize: the negative of the newest latent only
             model_input = torch.cat([latents[:negatives], latents])
-            embeds = torch.cat([_repeat(look.negative.embeddings, negatives), embeds])
+            embeds = torch.cat([_repeat(f.negative, negatives), embeds])
             if pooled is not None:
-                pooled = torch.cat([_repeat(look.negative.pooled, negatives), pooled])
+                pooled = torch.cat([_repeat(f.negative_pooled, negatives), pooled])
             times = torch.cat([timesteps[:negatives], timesteps])
         added = None
-        if plan.time_ids is not None:
-            added = {"text_embeds": pooled, "time_ids": plan.time_ids.expand(model_input.shape[0], -1)}
+        if f.time_ids is not None:
+            added = {"text_embeds": pooled, "time_ids": f.time_ids.expand(model_input.shape[0], -1)}
         out = self.model.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         sqrt_alpha, sqrt_beta = steps.sqrt_alpha, steps.sqrt_beta
         prediction = self.prediction_type
@@ -537,15 +680,15 @@ class Stream:
             negative, out = out[:negatives], out[negatives:]
             if cfg == "initialize":
                 residual = negative - noise_in[:1]
-                negative = torch.cat([negative, plan.settings.delta * (noise_in[1:] + residual)])
+                negative = torch.cat([negative, f.delta * (noise_in[1:] + residual)])
         elif cfg == "self":
-            negative = plan.settings.delta * noise_in
+            negative = f.delta * noise_in
         elif cfg == "initialize":
-            negative = plan.settings.delta * (noise_in + (residual if residual is not None else 0))
+            negative = f.delta * (noise_in + (residual if residual is not None else 0))
         else:
             negative = None
         if negative is not None:
-            out = negative + plan.settings.guidance_scale * (out - negative)
+            out = negative + f.guidance * (out - negative)
         if prediction == "epsilon":
             x0 = (latents - sqrt_beta * out) / sqrt_alpha
         elif prediction == "v_prediction":
@@ -553,6 +696,43 @@ class Stream:
         else:  # "sample"
             x0 = out
         return steps.c_out * x0 + steps.c_skip * latents, residual
+
+
+# What a frame's source is: nothing (txt2img), a model image (1, 3, H, W) in [-1, 1], or client pixels.
+_NONE, _IMAGE, _PIXELS = "none", "image", "pixels"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Everything a frame's tensor work depends on besides tensor values: the key of its CUDA graph."""
+
+    source: str  # _NONE, _IMAGE or _PIXELS
+    pixel_format: tuple  # _PIXELS: (bgr, bottom_left)
+    width: int
+    height: int
+    steps: int
+    cfg: str
+    batched: bool  # stream batch
+    start_up: bool  # stream batch: nothing in flight yet
+    output: OutputFormat | None  # None: the model image in [0, 1]
+
+
+class _Frame(NamedTuple):
+    """The tensors one frame is made from: every value that can change between frames is here."""
+
+    source: torch.Tensor | None
+    positive: torch.Tensor
+    positive_pooled: torch.Tensor | None
+    negative: torch.Tensor | None
+    negative_pooled: torch.Tensor | None
+    noise: tuple[torch.Tensor, ...]
+    single: tuple[_Batch, ...]
+    batched: _Batch | None
+    guidance: torch.Tensor
+    delta: torch.Tensor
+    time_ids: torch.Tensor | None
+    flight_latents: tuple[torch.Tensor, ...]
+    flight_noises: tuple[torch.Tensor, ...]
 
 
 def _to_epsilon(out: torch.Tensor, latents: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_beta: torch.Tensor,

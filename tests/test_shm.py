@@ -160,3 +160,15 @@ def test_a_hammering_writer_in_another_process_never_yields_a_torn_frame():
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_read_latest_into_a_buffer_gives_a_view_on_it_and_allocates_nothing(ring):
+    buffer = np.zeros(ring.slot_capacity, np.uint8)
+    for dtype, channels in ((np.uint8, 4), (np.float32, 3)):
+        pixels = (np.arange(6 * 5 * channels) % 200).astype(dtype).reshape(6, 5, channels)
+        ring.write(pixels)
+        frame = ring.read_latest(into=buffer)
+        assert np.shares_memory(frame.pixels, buffer) and frame.pixels.dtype == dtype
+        np.testing.assert_array_equal(frame.pixels, pixels)
+    with pytest.raises(ValueError, match="at least"):
+        ring.read_latest(into=np.zeros(ring.slot_capacity - 1, np.uint8))

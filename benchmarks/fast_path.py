@@ -1,0 +1,127 @@
+"""Which fast-path techniques pay, and the issue's targets, in one command for a GPU session.
+
+Runs `sdbridge bench --json` in a fresh process per row (so one variant's compiled kernels, graphs
+and memory never flatter the next) and prints one markdown table per part:
+
+    python benchmarks/fast_path.py --targets            # the targets of docs/benchmarks.md
+    python benchmarks/fast_path.py --ablation           # eager -> channels_last -> CUDA graphs -> compile, bf16
+    python benchmarks/fast_path.py --targets --ablation --json-out results.json
+
+The ablation switches one technique at a time on sd21 + TAESD, 512x512, 1 step, exact mode (override
+with --model/--size/--steps). Each row is a whole bench run: end-to-end fps and p99 latency through
+the rings, the bare engine's time per frame, the device memory peak, and the share of the device's
+peak FLOP/s. Rows that fail say why and the rest go on. On a CPU the CUDA-graph rows are refused by
+the daemon (cuda_graph = on needs CUDA) and say so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SDBRIDGE = [sys.executable, "-m", "bridge.cli", "bench", "--json"]
+
+# (name, flags): each switches on one more technique than the row above, then the alternatives
+ABLATION = (
+    ("eager", ["--cuda-graph", "off", "--channels-last", "off"]),
+    ("+ channels_last", ["--cuda-graph", "off", "--channels-last", "on"]),
+    ("+ CUDA graphs (default)", ["--cuda-graph", "on", "--channels-last", "on"]),
+    ("+ torch.compile", ["--cuda-graph", "on", "--channels-last", "on", "--compile"]),
+    ("bfloat16 instead of float16", ["--cuda-graph", "on", "--channels-last", "on", "--dtype", "bfloat16"]),
+)
+# (name, flags, target): the issue's GPU targets
+TARGETS = (
+    ("sd21 + TAESD 512x512, 1 step, exact", ["--model", "random:sd21", "--width", "512", "--height", "512",
+                                             "--steps", "1", "--compare", "diffusers"],
+     ">= 200 fps, p99 < 10 ms, >= 5x diffusers"),
+    ("sd21 + TAESD 512x512, 2 steps, stream batch", ["--model", "random:sd21", "--width", "512", "--height", "512",
+                                                     "--steps", "2", "--stream-batch"], ">= 150 fps"),
+    ("sdxl + TAESDXL 1024x1024, 1 step, exact", ["--model", "random:sdxl", "--width", "1024", "--height", "1024",
+                                                 "--steps", "1"], ">= 25 fps"),
+)
+
+
+def run(flags: list[str], seconds: float, timeout: float) -> dict:
+    command = [*SDBRIDGE, "--seconds", str(seconds), *flags]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "command": " ".join(command)}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}", "command": " ".join(command)}
+    result = json.loads(done.stdout)
+    result["wall_s"] = time.monotonic() - started
+    return result
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def row(name: str, result: dict, target: str | None = None) -> str:
+    if "error" in result:
+        cells = [name, f"failed: {result['error']}", "", "", "", "", ""]
+    else:
+        e2e, engine, memory, flops = result["e2e"], result["engine"], result["memory"], result["flops"]
+        peak = memory.get("peak_allocated_bytes") or memory.get("peak_rss_bytes")
+        baseline = result.get("diffusers") or {}
+        cells = [name, f"**{e2e['fps']:.1f}**", _num(e2e["latency_p99_ms"], ".2f"), f"{engine['ms_per_frame']:.2f}",
+                 _num(peak / 2**30 if peak else None, ".2f"),
+                 _num(100 * flops["fraction_of_peak"] if flops.get("fraction_of_peak") is not None else None, ".1f"),
+                 _num(baseline.get("speedup_e2e"), ".1f")]
+    if target is not None:
+        cells.append(target)
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(title: str, rows: list[str], targets: bool) -> str:
+    head = ["run", "e2e fps", "p99 ms", "bare engine ms/frame", "memory peak GiB", "% of peak FLOP/s",
+            "x diffusers"] + (["target"] if targets else [])
+    return "\n".join([f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", action="store_true", help="run the issue's target configurations")
+    parser.add_argument("--ablation", action="store_true", help="switch the fast-path techniques one at a time")
+    parser.add_argument("--model", default="random:sd21", help="ablation model (default: random:sd21)")
+    parser.add_argument("--size", type=int, default=512, help="ablation width and height (default: 512)")
+    parser.add_argument("--steps", type=int, default=1, help="ablation steps (default: 1)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="end-to-end window per run (default: 8)")
+    parser.add_argument("--timeout", type=float, default=420.0, help="seconds one run may take (default: 420)")
+    parser.add_argument("--json-out", metavar="FILE", help="also write every run's JSON here")
+    args = parser.parse_args()
+    if not (args.targets or args.ablation):
+        parser.error("choose --targets, --ablation or both")
+    results: dict[str, dict] = {}
+    out = []
+    if args.targets:
+        rows = []
+        for name, flags, target in TARGETS:
+            results[name] = run(flags, args.seconds, args.timeout)
+            rows.append(row(name, results[name], target))
+            print(rows[-1], file=sys.stderr, flush=True)
+        out.append(table("Targets", rows, targets=True))
+    if args.ablation:
+        base = ["--model", args.model, "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps)]
+        rows = []
+        for name, flags in ABLATION:
+            results[f"ablation: {name}"] = run(base + flags, args.seconds, args.timeout)
+            rows.append(row(name, results[f"ablation: {name}"]))
+            print(rows[-1], file=sys.stderr, flush=True)
+        out.append(table(f"Fast path, one technique at a time ({args.model}, {args.size}x{args.size}, "
+                         f"{args.steps} step{'s' if args.steps != 1 else ''}, exact)", rows, targets=False))
+    print("\n".join(out))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,17 +2,20 @@
 diffusers baseline beside it, so that every figure comes with what it should be compared to.
 
 Process layout. This process hosts a daemon in-process (a private instance name and ports, as the demo
-does) and first measures, with no client attached:
-1. one WxH RGBA uint8 frame through a scratch ring of its own (write + read_latest);
-2. with the render loop paused, a quick look at the engine's speed, to choose the client's input rate.
-Then it unpauses the daemon and starts `bridge.bench_client` as a separate process (numpy, shm and OSC,
-no torch), which writes frames into the input ring at full rate, reads the output ring and plays a
-control change over OSC every half second, while this process only waits. What the client saw is the
-end-to-end figure: throughput, latency from source_ns to written_ns, control latency. Then, with the
-daemon stopped, on a worker thread: the bare engine (`Stream.render_pixels`, client pixels to client
-pixels, the whole per-frame call, back to back) and its FLOPs counted over one more call, the device's
-peak FLOP/s (datasheet, given, or a matmul measured now) and, on request, diffusers' own img2img
-pipeline on the same model, resolution and timesteps.
+does) and measures, in order:
+1. one WxH RGBA uint8 frame through a scratch ring of its own (write + read_latest), before the daemon
+   starts;
+2. the bare engine (`Stream.render_pixels`, client pixels to client pixels, the whole per-frame call,
+   back to back) on the render thread itself, between two of its frames (RenderLoop.call_between_frames);
+3. end to end: `bridge.bench_client` as a separate process (numpy, shm and OSC, no torch) writes frames
+   into the input ring at full rate, reads the output ring and plays a control change over OSC every
+   half second, while this process only waits: throughput, latency from source_ns to written_ns,
+   control latency, and the render loop's own account of its time;
+4. the bare engine again, on the render thread: with 2, it brackets the end-to-end phase, so that the
+   machine's drift during the run falls on both sides of the comparison;
+5. with the daemon stopped, on worker threads: the FLOPs of one frame, the device's peak FLOP/s
+   (datasheet, given, or a matmul measured now) and, on request, diffusers' own img2img pipeline on the
+   same model, resolution and timesteps.
 
 The numbers are defined for users in docs/benchmarks.md. This module knows the engine only through
 `Stream.prepare` / `Stream.render_pixels` and the model bundle's components.
@@ -52,9 +55,7 @@ RING_MAX_S = 2.0
 PATTERN_FRAMES = 8
 LOAD_TIMEOUT_S = 900.0  # full-size models in float32 on a CPU take minutes
 CLIENT_SLACK_S = 60.0
-# The least time (s) the render thread gets to finish the frame it is in when paused; 3x the load time
-# (one warm-up frame and more) where that is longer.
-PAUSE_TIMEOUT_S = 60.0
+BASE_TIMEOUT_S = 60.0  # every wait on the engine allows this, plus multiples of the model's load time
 
 TEST_MODEL_WARNING = ("model {name!r} is a test model (toy or random weights): its images are meaningless; "
                       "only the timings count")
@@ -119,12 +120,15 @@ class RingTransfer:
 
 @dataclass(frozen=True)
 class EngineTiming:
-    """Stream.render_pixels alone, called back to back on one thread."""
+    """Stream.render_pixels alone, called back to back on the render thread, before and after the
+    end-to-end phase (together in the first four fields)."""
 
     frames: int
     ms_per_frame: float  # mean
     p50_ms: float
     fps: float
+    before_ms_per_frame: float  # the mean of the frames timed before the end-to-end phase
+    after_ms_per_frame: float  # and after it: far apart, the machine drifted during the run
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,9 @@ class BenchResult:
             ("frame", f"{self.width}x{self.height}, {self.steps} step{'s' if self.steps != 1 else ''}, {self.mode}, "
                       f"strength {self.strength:g}, guidance {self.guidance_scale:g}, "
                       f"stream batch {'on' if self.stream_batch else 'off'}"),
-            ("bare engine (render_pixels)", f"{g.fps:.2f} fps, {g.ms_per_frame:.2f} ms/frame (p50 {g.p50_ms:.2f} ms, "
-                                            f"{g.frames} frames)"),
+            ("bare engine (render_pixels, on the render thread)",
+             f"{g.fps:.2f} fps, {g.ms_per_frame:.2f} ms/frame (p50 {g.p50_ms:.2f} ms, {g.frames} frames; "
+             f"{g.before_ms_per_frame:.2f} ms before and {g.after_ms_per_frame:.2f} ms after the end-to-end phase)"),
             ("end to end (client process, rings)", f"**{e.fps:.2f} fps**, {_ms(e.ms_per_frame)}/frame "
                                                    f"({e.outputs} outputs in {e.span_s:.1f} s)"),
             ("render loop during it", f"{e.loop_frames} frames, {_ms(e.loop_engine_ms_per_frame)}/frame inside the "
@@ -461,26 +466,52 @@ def device_peak(device: Any, dtype: Any, given: float | None) -> tuple[float, st
     return measure_matmul_tflops(device, dtype), f"measured matmul ({str(dtype).replace('torch.', '')})"
 
 
-def estimate_engine_fps(stream: Any, output: Any, frames: Sequence[np.ndarray], calls: int = 3) -> float:
-    """A quick, pessimistic look at the engine's frame rate (the best of a few calls), for choosing the
-    client's input rate before the end-to-end phase."""
-    from engines.stream import TXT2IMG
+def time_engine(stream: Any, output: Any, frames: Sequence[np.ndarray], seconds: float, device: Any) -> list[float]:
+    """The times (ms) of `stream.render_pixels` called back to back on the calling thread, for about
+    ENGINE_SHARE of `seconds` and at least MIN_ENGINE_FRAMES frames, after a warm-up. The caller keeps
+    the render loop away from the stream (call_between_frames runs this on the render thread)."""
+    call = _engine_call(stream, output, frames)
+    for _ in range(3 + stream.settings.steps):  # kernel choice, caches; stream batch: fill the frames in flight
+        call()
+    _sync(device)
+    started = time.perf_counter()
+    call()
+    estimate = time.perf_counter() - started
+    count = min(MAX_TIMED_FRAMES, max(MIN_ENGINE_FRAMES, math.ceil(ENGINE_SHARE * seconds / max(estimate, 1e-6))))
+    times: list[float] = []
+    for _ in range(count):
+        t = time.perf_counter()
+        call()  # returns host pixels, so the device has finished the frame when it returns
+        times.append(1000 * (time.perf_counter() - t))
+    return times
 
-    txt2img = stream.settings.mode == TXT2IMG
-    best = math.inf
-    for i in range(calls):
-        started = time.perf_counter()
-        stream.render_pixels(None if txt2img else frames[i % len(frames)], output)
-        best = min(best, time.perf_counter() - started)
-    return 1.0 / max(best, 1e-6)
+
+def engine_timing(before: Sequence[float], after: Sequence[float]) -> EngineTiming:
+    """The bare engine from its frame times (ms) before and after the end-to-end phase, together."""
+    times = [*before, *after]
+    mean = float(np.mean(times))
+    return EngineTiming(len(times), mean, float(np.median(times)), 1000 / mean, float(np.mean(before)),
+                        float(np.mean(after)))
 
 
-def time_engine(stream: Any, output: Any, frames: Sequence[np.ndarray], seconds: float,
-                device: Any) -> tuple[EngineTiming, int | None]:
-    """Time `stream.render_pixels` back to back on the calling thread (the caller keeps the render loop away
-    from the stream) for about ENGINE_SHARE of `seconds`, then count the FLOPs of one more call."""
+def count_flops(stream: Any, output: Any, frames: Sequence[np.ndarray]) -> int | None:
+    """FLOPs of one per-frame call. A replayed CUDA graph runs kernels the counter never sees, and a
+    compiled UNet may not show its ops either: the count is over one eager call of the UNet's own
+    forward (the same FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    call = _engine_call(stream, output, frames)
+    graphs, stream.graphs = getattr(stream, "graphs", None), None
+    try:
+        with _uncompiled(stream.model.unet), FlopCounterMode(display=False) as counter:
+            call()
+    finally:
+        stream.graphs = graphs
+    return int(counter.get_total_flops()) or None
+
+
+def _engine_call(stream: Any, output: Any, frames: Sequence[np.ndarray]) -> Callable[[], np.ndarray]:
+    """One bare-engine frame per call, cycling through `frames` (none in txt2img)."""
     from engines.stream import TXT2IMG
 
     txt2img = stream.settings.mode == TXT2IMG
@@ -492,33 +523,7 @@ def time_engine(stream: Any, output: Any, frames: Sequence[np.ndarray], seconds:
         # no tag: in stream batch these frames are still in flight when the render loop takes over, and
         # the loop reads an output's tag as the input ring frame it came from
         return stream.render_pixels(None if txt2img else frames[index % len(frames)], output)
-
-    for _ in range(3 + stream.settings.steps):  # kernel choice, caches; stream batch: fill the frames in flight
-        call()
-    _sync(device)
-    started = time.perf_counter()
-    call()
-    estimate = time.perf_counter() - started
-    count = min(MAX_TIMED_FRAMES, max(MIN_ENGINE_FRAMES, math.ceil(ENGINE_SHARE * seconds / max(estimate, 1e-6))))
-    times: list[float] = []
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(count):
-        t = time.perf_counter()
-        call()  # returns host pixels, so the device has finished the frame when it returns
-        times.append(time.perf_counter() - t)
-    _sync(device)
-    total = time.perf_counter() - started
-    # A replayed CUDA graph runs kernels the counter never sees, and a compiled UNet may not show its
-    # ops either: count over one eager call of the UNet's own forward (the same FLOPs).
-    graphs, stream.graphs = getattr(stream, "graphs", None), None
-    try:
-        with _uncompiled(stream.model.unet), FlopCounterMode(display=False) as counter:
-            call()
-    finally:
-        stream.graphs = graphs
-    flops = int(counter.get_total_flops()) or None
-    return EngineTiming(count, 1000 * total / count, 1000 * float(np.median(times)), count / total), flops
+    return call
 
 
 @contextlib.contextmanager
@@ -678,7 +683,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
     from engines.stream import timesteps_for
 
     from .daemon import Daemon
-    from .loop import PAUSED, stream_settings
+    from .loop import stream_settings
 
     values = {**params.defaults(), **params.validate(initial or {})}
     initial = dict(initial or {}, pause=False)
@@ -714,22 +719,20 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         stream = daemon.loop.stream
         frames = bench_client.pattern_frames(width, height, PATTERN_FRAMES)
 
-        # A first look at the engine's speed, only to choose the client's input rate, while the render
-        # thread leaves the stream alone (paused).
-        pause_timeout = max(PAUSE_TIMEOUT_S, 3 * load_s)
-        _apply_and_wait(daemon, {"pause": True}, lambda: daemon.loop.stats.status == PAUSED, pause_timeout,
-                        "the render thread did not pause")
-        # All torch work of this process runs on short-lived worker threads: a thread that ran a parallel
-        # region keeps an OpenMP pool until it exits, and a live second pool slows the render thread
-        # (see the bare engine below).
+        # The bare engine runs on the render thread itself, between two of its frames: the thread, torch
+        # thread pool and memory arena that serve the frames (a second thread running torch beside an
+        # idle render thread measured ~60% slower on a 2-core CPU: libgomp stops spin-waiting when its
+        # pools hold more threads than there are cores). It is timed before and after the end-to-end
+        # phase, so that drift of the machine over the run falls on both sides of the comparison.
         snap = daemon.store.snapshot()
+        engine_timeout = BASE_TIMEOUT_S + (MIN_ENGINE_FRAMES + 8) * load_s + 2 * options.seconds
 
-        def estimate() -> float:
+        def bare_engine(stream: Any) -> list[float]:
             stream.prepare(stream_settings(snap))
-            return estimate_engine_fps(stream, daemon.output, frames)
+            return time_engine(stream, daemon.output, frames, options.seconds / 2, device)
 
-        estimate_fps = _on_worker_thread(estimate, timeout=pause_timeout + 10 * load_s, what="engine estimate")
-        daemon.apply({"pause": False})
+        before = daemon.loop.call_between_frames(bare_engine, engine_timeout)
+        estimate_fps = 1000 / float(np.mean(before))
 
         input_fps = options.input_fps or auto_input_fps(estimate_fps)
         memory_peak_reset(device)
@@ -745,9 +748,8 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         seen = run_client(client_args)
         loop_after = (time.monotonic(), stats.frames, stats.engine_s)
         memory = memory_peak(device)
-        # paused before stopping, so that the render thread is between frames when the stream is ours again
-        _apply_and_wait(daemon, {"pause": True}, lambda: daemon.loop.stats.status == PAUSED, pause_timeout,
-                        "the render thread did not pause")
+        after = daemon.loop.call_between_frames(bare_engine, engine_timeout)
+        engine = engine_timing(before, after)
         warm_up_s = stream.warm_up_s
         arch, autoencoder, test_model = stream.model.arch, stream.model.autoencoder.name, stream.model.test_model
         model_name = daemon.loop.serving[0] or settings.model
@@ -755,19 +757,15 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
     finally:
         daemon.stop()
 
-    # The bare engine, with the daemon's threads gone and on a fresh worker thread, as the render thread
-    # is one. Timed while a paused render thread still lived, the same frames ran ~60% slower on our
-    # 2-core CPU: torch's OpenMP (libgomp) keeps a worker pool for every thread that ran a parallel
-    # region, and with more pool threads than cores it stops spin-waiting between ops. The main thread
-    # is no better: glibc's main malloc arena faults the per-frame tensors in more often.
-    def bare_engine() -> tuple[EngineTiming, int | None]:
+    # FLOPs, the peak and the baseline take no part in the timing comparison: on workers, daemon stopped.
+    def flops_of_a_frame() -> int | None:
         stream.prepare(stream_settings(snap))
-        return time_engine(stream, daemon.output, frames, options.seconds, device)
+        return count_flops(stream, daemon.output, frames)
 
-    engine, flops = _on_worker_thread(bare_engine, what="bare engine",
-                                      timeout=PAUSE_TIMEOUT_S + (MIN_ENGINE_FRAMES + 8) * load_s + 2 * options.seconds)
-    log.info("bare engine: %.2f ms/frame, %.2f fps over %d frames; %s FLOPs per frame", engine.ms_per_frame,
-             engine.fps, engine.frames, flops)
+    flops = _on_worker_thread(flops_of_a_frame, what="FLOP count", timeout=BASE_TIMEOUT_S + 10 * load_s)
+    log.info("bare engine: %.2f ms/frame, %.2f fps over %d frames (%.2f before, %.2f ms after the end-to-end phase); "
+             "%s FLOPs per frame", engine.ms_per_frame, engine.fps, engine.frames, engine.before_ms_per_frame,
+             engine.after_ms_per_frame, flops)
     if daemon.errors:
         log.warning("the daemon reported %d errors during the benchmark (see above)", daemon.errors)
 
@@ -799,7 +797,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         channels_last = bool(getattr(fast_path, "channels_last", False))
         baseline = _on_worker_thread(lambda: diffusers_baseline(stream, frames, options.seconds, device, dtype,
                                                                 channels_last),
-                                     timeout=PAUSE_TIMEOUT_S + 20 * load_s + 2 * options.seconds,
+                                     timeout=BASE_TIMEOUT_S + 20 * load_s + 2 * options.seconds,
                                      what="diffusers baseline")
         if baseline.fps:
             baseline = replace(baseline, speedup_e2e=e2e.fps / baseline.fps, speedup_engine=engine.fps / baseline.fps)
@@ -842,15 +840,6 @@ def _on_worker_thread(work: Callable[[], Any], timeout: float, what: str) -> Any
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-def _apply_and_wait(daemon: Any, changes: Mapping[str, Any], done: Any, timeout: float, what: str) -> None:
-    daemon.apply(changes)
-    end = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > end:
-            raise BenchError(f"{what} within {timeout:.0f} s")
-        time.sleep(0.005)
 
 
 def run_client(args: bench_client.ClientArgs) -> dict[str, Any]:

@@ -17,6 +17,7 @@ frame N+1 overlap the compute of frame N, and the output's download is the frame
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -113,6 +114,8 @@ class RenderLoop:
         self.ready = threading.Event()  # set once the model is loaded (or failed to)
         self.stream: Stream | None = None
         self._stop = threading.Event()
+        self._calls: deque[tuple[Callable[[Stream], Any], concurrent.futures.Future]] = deque()  # call_between_frames
+        self._calls_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="sdbridge-render", daemon=True)
         # what the last output was made of
         self._last_input: shm.Frame | None = None
@@ -133,6 +136,10 @@ class RenderLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        with self._calls_lock:
+            for _, call in self._calls:
+                call.cancel()  # its caller gets CancelledError rather than a wait for its whole timeout
+            self._calls.clear()
         self._loads.join(0)  # a load in progress finishes on its own (daemon thread); never wait for it
         if self._thread.ident is None:  # never started (the daemon failed before it got that far)
             return
@@ -162,6 +169,7 @@ class RenderLoop:
         self.ready.set()
         last_error = ""
         while not self._stop.is_set():
+            self._run_calls()
             try:
                 if not self._step():
                     self._idle()
@@ -173,6 +181,27 @@ class RenderLoop:
                 last_error = message
                 self.report_error(message)
                 self._stop.wait(_ERROR_BACKOFF_S)
+
+    def call_between_frames(self, work: Callable[[Stream], Any], timeout: float) -> Any:
+        """Run `work(stream)` on the render thread between two frames and return what it returns (or
+        raise what it raised). The stream is busy meanwhile: for benchmarks, which time the engine on
+        the very thread, torch thread pool and memory arena that serve the frames."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the render thread is not running")
+        call: concurrent.futures.Future = concurrent.futures.Future()
+        with self._calls_lock:
+            self._calls.append((work, call))
+        return call.result(timeout)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            with self._calls_lock:
+                work, call = self._calls.popleft()
+            if call.set_running_or_notify_cancel():
+                try:
+                    call.set_result(work(self.stream))
+                except BaseException as e:  # handed to the caller
+                    call.set_exception(e)
 
     def _idle(self) -> None:
         self.store.wait_for_change(self.store.version, self.poll_interval)

@@ -98,7 +98,8 @@ def test_without_json_it_prints_a_markdown_table_for_people():
     assert "| daemon errors | 0 |" in lines
     assert "| measure | value |" in lines and "|---|---|" in lines
     rows = {line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ")}
-    assert {"bare engine (render_pixels)", "end to end (client process, rings)", "latency source_ns to written_ns",
+    assert {"bare engine (render_pixels, on the render thread)", "end to end (client process, rings)",
+            "latency source_ns to written_ns", "render loop during it",
             "bridge overhead", "memory peak", "FLOPs per frame", "device peak"} <= rows
     assert any("meaningless" in line for line in lines)
 

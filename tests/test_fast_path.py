@@ -301,3 +301,25 @@ def test_txt2img_frames_go_through_the_graphs_too(model):
     for _ in range(3):
         stream.render_pixels(None, RGBA)
     assert graphs.calls == 3 and len(graphs) == 1
+
+
+def test_work_handed_to_the_render_thread_runs_there_between_frames():
+    """Benchmarks time the bare engine on the thread that serves the frames."""
+    import threading
+
+    from bridge.config import Settings
+    from bridge.daemon import Daemon
+    from bridge.osc import free_udp_port
+
+    from .conftest import unique_instance
+
+    settings = Settings(instance=unique_instance("fp"), osc_port=0, telemetry_port=free_udp_port(),
+                        max_width=128, max_height=128)
+    with Daemon(settings, {"width": 64, "height": 64}) as daemon:
+        assert daemon.wait_ready(120)
+        where = daemon.loop.call_between_frames(
+            lambda stream: (threading.current_thread().name, stream is daemon.loop.stream), timeout=30)
+        assert where == ("sdbridge-render", True)
+        with pytest.raises(ZeroDivisionError):
+            daemon.loop.call_between_frames(lambda stream: 1 / 0, timeout=30)
+        assert daemon.loop.call_between_frames(lambda stream: "still serving", timeout=30) == "still serving"

@@ -751,6 +751,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         after = daemon.loop.call_between_frames(bare_engine, engine_timeout)
         engine = engine_timing(before, after)
         warm_up_s = stream.warm_up_s
+        graphs = stream.graphs
         arch, autoencoder, test_model = stream.model.arch, stream.model.autoencoder.name, stream.model.test_model
         model_name = daemon.loop.serving[0] or settings.model
         snap = daemon.store.snapshot()
@@ -806,12 +807,22 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
     return BenchResult(
         date=date, command=options.command, model=model_name, arch=arch, test_model=test_model,
         autoencoder=autoencoder, device=str(device), device_name=device_name,
-        dtype=str(dtype).replace("torch.", ""), fast_path=fast_path.describe() if fast_path else "eager",
+        dtype=str(dtype).replace("torch.", ""), fast_path=_fast_path(fast_path, graphs),
         width=width, height=height, steps=snap["steps"], mode=mode,
         stream_batch=settings.stream_batch, strength=snap["strength"], guidance_scale=snap["guidance_scale"],
         load_s=load_s, warm_up_s=warm_up_s, load_average_1m=load_average, daemon_errors=daemon.errors, ring=ring, engine=engine, e2e=e2e,
         control=control_latency, memory=memory,
         flops=flop_figures, diffusers=baseline)
+
+
+def _fast_path(options: Any, graphs: Any) -> str:
+    """The fast path as it ran: the options, and whether CUDA graphs really replayed."""
+    text = options.describe() if options is not None else "eager"
+    if graphs is not None and getattr(graphs, "failed", ""):
+        text += f" (CUDA graph capture failed, ran eagerly: {graphs.failed})"
+    elif graphs is not None:
+        text += f" ({graphs.captured} graph{'s' if graphs.captured != 1 else ''} captured)"
+    return text
 
 
 def _loop_account(before: tuple[float, int, float], after: tuple[float, int, float]) -> dict[str, Any]:

@@ -323,3 +323,16 @@ def test_work_handed_to_the_render_thread_runs_there_between_frames():
         with pytest.raises(ZeroDivisionError):
             daemon.loop.call_between_frames(lambda stream: 1 / 0, timeout=30)
         assert daemon.loop.call_between_frames(lambda stream: "still serving", timeout=30) == "still serving"
+
+
+def test_a_failed_capture_leaves_every_frame_eager_instead_of_failing(monkeypatch):
+    from engines.backends import torch_backend
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch_backend, "_Graph", refuse)
+    graphs = FrameGraphs(lambda shape, inputs: inputs[0] * 3, capture=False)
+    x = torch.ones(2)
+    for _ in range(4):
+        assert torch.equal(graphs("a", (x,)), 3 * x)
+    assert "not permitted" in graphs.failed and len(graphs) == 0

@@ -107,6 +107,7 @@ class FrameGraphs:
         self.limit = limit  # graphs kept; the least recently used one goes first
         self.captured = 0  # graphs captured so far
         self.capture_s = 0.0  # seconds spent capturing them (warm-up run included)
+        self.failed = ""  # why a capture failed; then every frame runs eagerly
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._last_key: Hashable = None
         self._streak = 0  # calls in a row with _last_key
@@ -120,9 +121,14 @@ class FrameGraphs:
         self._last_key = key
         graph = self._graphs.get(key)
         if graph is None:
-            if self._streak < self._needed:
+            if self.failed or self._streak < self._needed:
                 return self.fn(shape, inputs)
-            graph = self._make(key, shape, spec, leaves)
+            try:
+                graph = self._make(key, shape, spec, leaves)
+            except Exception as e:  # a show goes on eagerly rather than failing every frame
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("CUDA graph capture failed, frames run eagerly from now on: %s", self.failed)
+                return self.fn(shape, inputs)
             self._needed = 2
         self._graphs.move_to_end(key)
         return graph.run(leaves)

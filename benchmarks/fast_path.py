@@ -4,7 +4,7 @@ Runs `sdbridge bench --json` in a fresh process per row (so one variant's compil
 and memory never flatter the next) and prints one markdown table per part:
 
     python benchmarks/fast_path.py --targets            # the targets of docs/benchmarks.md
-    python benchmarks/fast_path.py --ablation           # eager -> channels_last -> CUDA graphs -> compile, bf16
+    python benchmarks/fast_path.py --ablation           # eager -> channels_last -> CUDA graphs, bf16, compile
     python benchmarks/fast_path.py --targets --ablation --json-out results.json
 
 The ablation switches one technique at a time on sd21 + TAESD, 512x512, 1 step, exact mode (override
@@ -30,8 +30,8 @@ ABLATION = (
     ("eager", ["--cuda-graph", "off", "--channels-last", "off"]),
     ("+ channels_last", ["--cuda-graph", "off", "--channels-last", "on"]),
     ("+ CUDA graphs (default)", ["--cuda-graph", "on", "--channels-last", "on"]),
-    ("+ torch.compile", ["--cuda-graph", "on", "--channels-last", "on", "--compile"]),
     ("bfloat16 instead of float16", ["--cuda-graph", "on", "--channels-last", "on", "--dtype", "bfloat16"]),
+    ("+ torch.compile", ["--cuda-graph", "on", "--channels-last", "on", "--compile"]),  # last: it compiles for minutes
 )
 # (name, flags, target): the issue's GPU targets
 TARGETS = (
@@ -107,6 +107,7 @@ def main() -> int:
             results[name] = run(flags, args.seconds, args.timeout)
             rows.append(row(name, results[name], target))
             print(rows[-1], file=sys.stderr, flush=True)
+            save(results, args.json_out)
         out.append(table("Targets", rows, targets=True))
     if args.ablation:
         base = ["--model", args.model, "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps)]
@@ -115,12 +116,17 @@ def main() -> int:
             results[f"ablation: {name}"] = run(base + flags, args.seconds, args.timeout)
             rows.append(row(name, results[f"ablation: {name}"]))
             print(rows[-1], file=sys.stderr, flush=True)
+            save(results, args.json_out)
         out.append(table(f"Fast path, one technique at a time ({args.model}, {args.size}x{args.size}, "
                          f"{args.steps} step{'s' if args.steps != 1 else ''}, exact)", rows, targets=False))
     print("\n".join(out))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def save(results: dict[str, dict], path: str | None) -> None:
+    """Every run so far, after each run: a device session cut short keeps what it measured."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class Settings:
         "auto", "Capture each frame's work as a CUDA graph and replay it (removes the CPU cost of launching "
         "thousands of kernels per frame): auto (on with CUDA), on, off.", ("auto", "on", "off"))
     compile: bool = _setting(
-        False, "Compile the UNet with torch.compile (max-autotune). The first frame of each shape then takes "
+        False, "Compile the UNet with torch.compile (inductor, default mode). The first frame of each shape then takes "
         "a minute or more; the log says how long.")
     channels_last: str = _setting(
         "auto", "channels_last memory layout for the UNet and autoencoder (faster tensor-core convolutions): "

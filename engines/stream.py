@@ -2,7 +2,11 @@
 
 `Stream.prepare(settings)` does everything that depends only on the settings (LoRA weights, prompt
 embeddings and their blend, timesteps and their coefficients, the seed's noise and its blend) so that
-`Stream.render(image)` is pure tensor work with no host synchronisation.
+a frame is pure tensor work with no host synchronisation: `Stream._frame(shape, frame)` takes every
+value that can change between frames as a tensor, which is what lets the torch backend replay it as a
+CUDA graph (engines/backends/torch_backend.py). `render_pixels` is the whole per-frame call, client
+pixels in and out; `render` is the same from a model image, for tests. `slow_to_prepare` and
+`precompute` let a worker thread do the slow part of a change (prompt encoding, LoRA files) first.
 
 Timesteps. `strength` picks the first timestep on the model's 1000-step training schedule,
 t0 = round(strength * 1000) - 1, continuously, so strength can be played live; `steps` spreads that

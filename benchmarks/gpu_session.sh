@@ -2,7 +2,7 @@
 # The GPU checks of one device session, as one prepared command (see docs/benchmarks.md):
 # the CUDA-only tests, then the targets and the fast-path ablation with `sdbridge bench`.
 # Here first:   ../shared/tools/device-wheels.sh accelerate peft psutil   (diffusers etc. as wheels in .whl/;
-#               accelerate builds the random:<arch> models, peft is LoRA; the device image has neither)
+#               peft, for the LoRA tests, needs accelerate and psutil; the device image has none of them)
 # Then, with the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=580)
 # Results land in $OUT (the device tool brings them back) or ./gpu-results when OUT is unset.
 set -uo pipefail

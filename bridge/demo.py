@@ -7,7 +7,6 @@ inputs and outputs, and prints one summary line.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pythonosc.udp_client import SimpleUDPClient
 
-from . import osc, shm
+from . import bench_client, osc, shm
 from .config import Settings
 from .daemon import Daemon
 
@@ -34,7 +33,8 @@ SCRIPT = (
     (0.7, "/strength", 0.8),
     (0.7, "/seed", 7),
 )
-PATTERN_LOOP = 48  # frames of the moving pattern, played in a loop
+PATTERN_LOOP = 48  # frames of the moving pattern (bench_client's), played in a loop
+PATTERN_SIZE = 512
 SHEET_COLUMNS = 6
 THUMB = 160
 
@@ -52,25 +52,6 @@ class DemoResult:
         return (f"demo: {self.frames} frames in {self.seconds:.1f} s, {self.fps:.1f} fps, latency p50 "
                 f"{self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms (source_ns to written_ns); "
                 f"contact sheet {self.sheet}")
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    return y, x
-
-
-def pattern_frame(t: float, width: int = 512, height: int = 512) -> np.ndarray:
-    """A moving RGBA uint8 test pattern: a camera stand-in with motion, edges and colour."""
-    y, x = _grid(width, height)
-    cx = width * (0.5 + 0.3 * np.cos(t * 1.3))
-    cy = height * (0.5 + 0.3 * np.sin(t * 0.9))
-    disc = (x - cx) ** 2 + (y - cy) ** 2 < (min(width, height) * 0.18) ** 2
-    checker = ((x // 64 + y // 64 + int(t * 2)) % 2) == 0
-    rgb = np.stack([(x / width * 255 + t * 40) % 256, y / height * 255, np.where(checker, 40.0, 200.0)], -1)
-    rgb[disc] = (250, 240, 60)
-    alpha = np.full((height, width, 1), 255, np.float32)
-    return np.concatenate([rgb, alpha], -1).astype(np.uint8)
 
 
 def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: float = 12.0,
@@ -102,7 +83,7 @@ def _play(ring_in: shm.Ring, ring_out: shm.Ring, osc_client: SimpleUDPClient, se
     frame_id, last_seq, first_out, last_out = 0, ring_out.write_seq, None, None
     # The pattern is drawn before the clock starts: drawn per frame it took a third of a CPU core and the
     # interpreter lock from the daemon it is showing off (2.0 against 4 fps on a 2-core machine).
-    loop = [pattern_frame(i / input_fps) for i in range(PATTERN_LOOP)]
+    loop = bench_client.pattern_frames(PATTERN_SIZE, PATTERN_SIZE, PATTERN_LOOP)
     start = time.monotonic()
     next_frame = start
     next_sample = start

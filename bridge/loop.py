@@ -128,8 +128,7 @@ class RenderLoop:
         # Input frames are read into two buffers in turn, so that reading never allocates and a failed
         # read never spoils the last good frame; one taken while the device computes waits in _staged.
         self._input_buffers = [np.empty(ring_in.slot_capacity, np.uint8) for _ in range(2)]
-        self._unrendered = False  # an input was taken during the last frame and is not rendered yet
-        self._staged: tuple[int, torch.Tensor] | None = None  # (seq, its pixels on the device)
+        self._staged: tuple[int, torch.Tensor] | None = None  # (seq, its pixels on the device), not rendered yet
 
     def start(self) -> None:
         self._thread.start()
@@ -272,8 +271,8 @@ class RenderLoop:
             self._take_input()  # keep draining so that resuming starts from the newest frame
             return False
         self.stats.status = READY
-        new_input = self._take_input() or self._unrendered
-        self._unrendered = False
+        staged, self._staged = self._staged, None  # an input taken while the last frame computed
+        new_input = self._take_input() or staged is not None
         txt2img = snap["mode"] == TXT2IMG
         state_changed = snap.version != self._rendered_version
         stream = self.stream
@@ -302,8 +301,7 @@ class RenderLoop:
             return False  # img2img and no input yet
         raw = None
         if frame is not None:
-            staged, self._staged = self._staged, None
-            raw = staged[1] if staged is not None and staged[0] == frame.seq else stream.stage(frame.pixels)
+            raw = staged[1] if staged is not None and staged[0] == frame.seq else stream.staging.upload(frame.pixels)
             threshold = snap["similarity_threshold"]
             if not (state_changed or busy) and self._similar(raw, threshold):
                 self.stats.skipped += 1
@@ -317,8 +315,7 @@ class RenderLoop:
         frame = stream.output_tag  # stream batch: the output belongs to an earlier input
         if stream.staging.asynchronous and stream.settings.mode != TXT2IMG and self._take_input():
             # the device is still computing: take the next input and start its upload meanwhile
-            self._unrendered = True
-            self._staged = (self._last_input.seq, stream.stage(self._last_input.pixels))
+            self._staged = (self._last_input.seq, stream.staging.upload(self._last_input.pixels))
         pixels = stream.staging.download(out)
         engine_s = time.perf_counter() - engine_started
         source_ns = frame.source_ns if frame is not None else started_ns

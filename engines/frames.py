@@ -29,13 +29,6 @@ class OutputFormat:
     bottom_left: bool = False
 
 
-def to_model_image(pixels: np.ndarray, *, bgr: bool, bottom_left: bool, width: int, height: int,
-                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H, W, C) client pixels to a (1, 3, height, width) image in [-1, 1] on `device`."""
-    raw = torch.from_numpy(pixels).to(device, non_blocking=True)
-    return model_image(raw, bgr=bgr, bottom_left=bottom_left, width=width, height=height, dtype=dtype)
-
-
 def model_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, height: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """(H, W, C) client pixels already on the device to a (1, 3, height, width) image in [-1, 1]."""
@@ -59,11 +52,6 @@ def model_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, 
                               antialias=downscale)
     image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
     return (image * 2.0 - 1.0).to(dtype)
-
-
-def to_client_pixels(image: torch.Tensor, fmt: OutputFormat) -> np.ndarray:
-    """A (1, 3, H, W) image in [0, 1] to contiguous (H, W, channels) client pixels on the host."""
-    return client_pixels(image, fmt).cpu().numpy()
 
 
 def client_pixels(image: torch.Tensor, fmt: OutputFormat) -> torch.Tensor:

@@ -224,7 +224,7 @@ class Stream:
         self._in_flight = _InFlight()
         self._flush = 0  # stream batch: renders until the frames in flight are all of the current plan
         self.output_tag: Any = None  # the tag of the input the last rendered output belongs to
-        self.staging = Staging(device)
+        self.staging = Staging(device)  # client frames to the device and back (pinned buffers on CUDA)
         self.warm_up_s = 0.0  # how long warm_up took
         # The per-frame call as CUDA graphs (engines.backends.torch_backend sets this); None: eager
         self.graphs: Callable[[_Shape, _Frame], tuple] | None = None
@@ -239,21 +239,16 @@ class Stream:
         easing in, or (stream batch) frames started with older settings are still in flight."""
         return self._transition is not None or (bool(self._in_flight.latents) and self._flush > 0)
 
-    def warm_up(self, settings: StreamSettings, output: OutputFormat | None = None) -> None:
+    def warm_up(self, settings: StreamSettings, output: OutputFormat) -> None:
         """Render throw-away frames so that the first real one is not slow: the first call of a model
-        pays for kernel selection, memory set-up and (with torch.compile) compilation; with `output`,
-        frames go through the whole per-frame call twice, so that its CUDA graph is captured too.
-        `warm_up_s` says how long it took (torch.compile's compilation is most of it when it is on)."""
+        pays for kernel selection, memory set-up and (with torch.compile) compilation. Two frames go
+        through the whole per-frame call, so that its CUDA graph is captured too. `warm_up_s` says how
+        long it took (torch.compile's compilation is most of it when it is on)."""
         started = time.perf_counter()
         self.prepare(settings)
-        if output is None:
-            grey = None if settings.mode == TXT2IMG else torch.zeros(1, 3, settings.height, settings.width,
-                                                                     device=self.device, dtype=self.dtype)
-            self.render(grey)
-        else:
-            pixels = np.full((settings.height, settings.width, 4), 128, dtype=np.uint8)
-            for _ in range(2):
-                self.render_pixels(pixels, output)
+        pixels = np.full((settings.height, settings.width, 4), 128, dtype=np.uint8)
+        for _ in range(2):
+            self.render_pixels(pixels, output)
         self._shown, self._transition, self._in_flight = None, None, _InFlight()
         self.warm_up_s = time.perf_counter() - started
 
@@ -500,12 +495,6 @@ class Stream:
         return hit
 
     # ------------------------------------------------------------------ render (per frame)
-    def stage(self, pixels: np.ndarray) -> torch.Tensor:
-        """Client pixels (H, W, C) onto the device, unconverted (the conversion is part of the frame).
-        On CUDA through a pinned host buffer with a non-blocking copy; the result is reused by the call
-        after next, so at most two staged frames are alive at once."""
-        return self.staging.upload(pixels)
-
     def render_pixels(self, pixels: np.ndarray | torch.Tensor | None, output: OutputFormat, *, bgr: bool = False,
                       bottom_left: bool = False, tag: Any = None) -> np.ndarray:
         """The whole per-frame call: client pixels (H, W, C, on the host or already staged; None in
@@ -522,7 +511,7 @@ class Stream:
             raise RuntimeError("Stream.prepare() must run before render_pixels()")
         raw = None
         if pixels is not None and settings.mode != TXT2IMG:
-            raw = pixels if isinstance(pixels, torch.Tensor) else self.stage(pixels)
+            raw = pixels if isinstance(pixels, torch.Tensor) else self.staging.upload(pixels)
         with torch.inference_mode():
             return self._render(raw, _PIXELS, (bgr, bottom_left), output, tag)
 

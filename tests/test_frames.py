@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.frames import OutputFormat, to_client_pixels, to_model_image
+from engines.frames import OutputFormat, client_pixels, model_image
 
 CPU = torch.device("cpu")
 
@@ -13,8 +13,12 @@ CPU = torch.device("cpu")
 def _model(pixels, bgr=False, bottom_left=False, size=None):
     h, w = pixels.shape[:2]
     width, height = size or (w, h)
-    return to_model_image(pixels, bgr=bgr, bottom_left=bottom_left, width=width, height=height, device=CPU,
-                          dtype=torch.float32)
+    return model_image(torch.from_numpy(pixels), bgr=bgr, bottom_left=bottom_left, width=width, height=height,
+                       dtype=torch.float32)
+
+
+def to_client_pixels(image, fmt):
+    return client_pixels(image, fmt).numpy()
 
 
 def test_uint8_rgb_maps_to_minus_one_to_one():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engines import registry
+from engines.frames import OutputFormat
 from engines.stream import Stream, StreamSettings, timesteps_for
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -306,7 +307,7 @@ def test_warm_up_leaves_no_trace_in_the_frames_that_follow(stream, image):
     expected = render(stream, image, steps=3)
     fresh = Stream(registry.load("tiny", CPU, F32), CPU, F32, stream_batch=True)
     settings = StreamSettings(**{**BASE.__dict__, "steps": 3})
-    fresh.warm_up(settings)
+    fresh.warm_up(settings, OutputFormat())
     outs, tags = [], []
     for tag in (1, 2, 3):
         outs.append(fresh.render(image, tag=tag))

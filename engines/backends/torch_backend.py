@@ -50,8 +50,8 @@ class TorchOptions:
         tensor-core convolutions and slows many CPU ones)."""
         cuda = device.type == "cuda"
 
-        def choose(value: str) -> bool:
-            return cuda if value == AUTO else value in ("on", "true", "1", True)
+        def choose(value: str) -> bool:  # auto, on or off (bridge.config allows no other)
+            return cuda if value == AUTO else value == "on"
         graph = choose(cuda_graph)
         if graph and not cuda:
             raise ValueError("cuda_graph = on needs a CUDA device")
@@ -107,7 +107,6 @@ class FrameGraphs:
         self.capture = capture
         self.limit = limit  # graphs kept; the least recently used one goes first
         self.captured = 0  # graphs captured so far
-        self.capture_s = 0.0  # seconds spent capturing them (warm-up run included)
         self.failed = ""  # why a capture failed; then every frame runs eagerly
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._last_key: Hashable = None
@@ -146,7 +145,6 @@ class FrameGraphs:
         started = time.perf_counter()
         graph = _Graph(self.fn, shape, spec, leaves, self._pool if self.capture else None)
         self.captured += 1
-        self.capture_s += time.perf_counter() - started
         log.debug("frame graph %d made in %.0f ms", self.captured, (time.perf_counter() - started) * 1e3)
         self._graphs[key] = graph
         while len(self._graphs) > self.limit:

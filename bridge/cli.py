@@ -132,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the device's peak TFLOP/s to compare against (default: the datasheet number for known "
                        "NVIDIA GPUs in float16/bfloat16, else a matmul measured now)")
     _add_flags(bench)
+    build = sub.add_parser("build", help="export and build the TensorRT engines the configuration needs",
+                           description="Export the configured model's UNet and autoencoder (and ControlNets) to "
+                           "ONNX, clean the graphs and build TensorRT engines for the configured resolution(s) "
+                           "(engine_resolutions, else width x height), UNet batch (from steps, cfg_type and "
+                           "stream_batch), precision and LoRAs, into engine_dir. Every stage is cached: a second run "
+                           "builds only what is missing, an interrupted one resumes. docs/tensorrt.md.")
+    build.add_argument("--onnx-only", action="store_true",
+                       help="export and clean the ONNX graphs only (needs no TensorRT and no GPU)")
+    _add_flags(build)
+    doctor = sub.add_parser("doctor", help="say what this machine can run and which built engines are stale",
+                            description="Report Python, torch, CUDA, the GPU, TensorRT and the ONNX tools, which "
+                            "backend `serve` would use, and every engine in engine_dir with whether it is current "
+                            "or stale and why.")
+    _add_flags(doctor)
     models = sub.add_parser("models", help="list the models, LoRAs, VAEs, TAESDs, ControlNets and embeddings "
                             "in the models folders",
                             description="List what the models folders hold, by the names serve, /model, /vae "
@@ -167,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, initial)
         if args.command == "bench":
             return _bench(settings, initial, args, argv)
+        if args.command == "build":
+            return _build(settings, initial, args.onnx_only)
+        if args.command == "doctor":
+            from .builds import doctor
+            print(doctor(settings))
+            return 0
         return _demo(settings, initial, args.seconds, args.out)
     except (ModelError, shm.RingError, config.ConfigError, params.ParamError) as e:
         print(f"sdbridge: {e}", file=sys.stderr)
@@ -262,6 +282,18 @@ def _bench(settings: config.Settings, initial: dict[str, Any], args: argparse.Na
         print(f"sdbridge: bench: the diffusers baseline failed: {result.diffusers.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _build(settings: config.Settings, initial: dict[str, Any], onnx_only: bool) -> int:
+    from engines.backends.tensorrt import TensorRTUnavailable
+    from engines.backends.tensorrt.build import EngineBuildError
+
+    from .builds import run_build
+    try:
+        return run_build(settings, initial, onnx_only=onnx_only)
+    except (TensorRTUnavailable, EngineBuildError) as e:
+        print(f"sdbridge build: {e}", file=sys.stderr)
+        return 2
 
 
 def _models(args: argparse.Namespace) -> int:

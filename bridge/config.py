@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -79,6 +80,20 @@ class Settings:
     channels_last: str = _setting(
         "auto", "channels_last memory layout for the UNet and autoencoder (faster tensor-core convolutions): "
         "auto (on with CUDA), on, off.", ("auto", "on", "off"))
+    backend: str = _setting(
+        "auto", "What runs the UNet and autoencoder: torch, tensorrt (TensorRT engines; the daemon refuses to start "
+        "without TensorRT and builds missing engines before serving), or auto (TensorRT engines when TensorRT is "
+        "installed and the device is an NVIDIA GPU: engines already built serve at once, missing ones are built in "
+        "the background while torch serves, then swapped in; torch otherwise). docs/tensorrt.md.",
+        ("auto", "tensorrt", "torch"))
+    engine_dir: str = _setting("", "Folder of built TensorRT engines (and their ONNX files); empty: the user's cache "
+                               "folder (~/.cache/sdbridge/engines, %LOCALAPPDATA%\\sdbridge\\engines).", metavar="DIR")
+    engine_resolutions: tuple[str, ...] = _setting(
+        (), "Resolutions to build TensorRT engines for, as WIDTHxHEIGHT (the flag repeats); empty: the width and "
+        "height parameters.", metavar="WxH")
+    engine_dynamic: bool = _setting(
+        False, "Also give each TensorRT engine a dynamic profile (any size from 256x256 to 1024x1024, prompts up to "
+        "4 chunks), so a /resolution change runs on the engine at once; static profiles stay the fastest.")
     prompt_cache_size: int = _setting(64, "Prompt embeddings kept for instant recall.")
     log_level: str = _setting("info", "Log level.", ("debug", "info", "warning", "error"))
 
@@ -87,6 +102,11 @@ class Settings:
         object.__setattr__(self, "models_dir", tuple(os.path.expanduser(str(d)) for d in self.models_dir))
         if self.styles_file:
             object.__setattr__(self, "styles_file", os.path.expanduser(self.styles_file))
+        if self.engine_dir:
+            object.__setattr__(self, "engine_dir", os.path.expanduser(self.engine_dir))
+        object.__setattr__(self, "engine_resolutions", tuple(str(r) for r in self.engine_resolutions))
+        for text in self.engine_resolutions:
+            parse_resolution(text)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -101,6 +121,17 @@ class Settings:
         for name in ("max_width", "max_height"):
             if getattr(self, name) < 64:
                 raise ConfigError(f"{name} must be at least 64")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """"768x512" to (768, 512); ConfigError for anything else."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"resolution {text!r}: expected WIDTHxHEIGHT, such as 768x512") from None
+    if width < 64 or height < 64 or width % 8 or height % 8:
+        raise ConfigError(f"resolution {text!r}: width and height must be multiples of 8, at least 64")
+    return width, height
 
 
 SETTING_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -171,7 +202,28 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
     return repr(value)
+
+
+def to_toml(settings: Settings, initial: Mapping[str, Any]) -> str:
+    """A config file that `load` turns back into these settings and initial parameters (for a child
+    process that must see what this one sees, such as a background engine build)."""
+    lines = [f"{f.name} = {_toml_value(getattr(settings, f.name))}" for f in dataclasses.fields(Settings)]
+    families: dict[str, dict[str, Any]] = {}
+    for name, value in initial.items():
+        if name in SETTING_FIELDS:
+            continue
+        family, _, member = name.partition("/")
+        if member:
+            families.setdefault(family, {})[member] = value
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    for family, members in families.items():
+        lines.append(f"[{family}]")
+        lines += [f"{json.dumps(member)} = {_toml_value(value)}" for member, value in members.items()]
+    return "\n".join(lines) + "\n"
 
 
 def render_default_toml() -> str:

@@ -20,6 +20,7 @@ from engines.folders import ModelFolders
 from engines.stream import Stream
 
 from . import osc, params, shm
+from .builds import EngineService
 from .config import Settings
 from .loop import RenderLoop, output_format, stream_settings
 from .state import StateStore
@@ -56,6 +57,9 @@ class Daemon:
         initial = {"model": settings.model, **(initial or {})}
         self._check_names(params.validate(initial))
         self.store = StateStore(initial, check=self._check_output_fits)
+        # torch or TensorRT (refuses to start for backend = tensorrt where TensorRT cannot run)
+        self.engines = EngineService(settings, lambda: self.store.snapshot().values, self._between_frames,
+                                     self.device)
         self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
         self.osc_port = settings.osc_port
         self.errors = 0
@@ -121,6 +125,7 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        self.engines.stop()
         if self.loop is not None:
             self.loop.stop()
         if self._aio is not None:
@@ -166,15 +171,29 @@ class Daemon:
                         find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle,
                         report=self.report_error)
         torch_backend.accelerate(stream, self.fast_path)
+        self._warm_up(stream)
+        if self.fast_path.compile:
+            log.info("torch.compile and warm-up took %.1f s", stream.warm_up_s)
+        if self.engines.serve(stream):
+            self._warm_up(stream)  # again: the engines' first frames set up their contexts and graphs
+        log.info("model %s (%s, %s) ready in %.1f s (%s; %s)", model.name, model.arch, stream.model.autoencoder.name,
+                 time.monotonic() - started, self.engines.describe(), self.fast_path.describe())
+        return stream
+
+    def _warm_up(self, stream: Stream) -> None:
         try:
             stream.warm_up(stream_settings(self.store.snapshot()), self.output)
         except Exception as e:  # the state may not suit this model yet; the first frame will say why
             log.debug("warm-up frame failed: %s", e)
-        if self.fast_path.compile:
-            log.info("torch.compile and warm-up took %.1f s", stream.warm_up_s)
-        log.info("model %s (%s, %s) ready in %.1f s (%s)", model.name, model.arch, stream.model.autoencoder.name,
-                 time.monotonic() - started, self.fast_path.describe())
-        return stream
+
+    def _between_frames(self, work: Any) -> None:
+        """Run work(stream) on the render thread at the next frame boundary (engines swapped in)."""
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_between_frames(work, timeout=600)
+        except RuntimeError as e:  # the daemon is stopping
+            log.debug("not run between frames: %s", e)
 
     def _load_autoencoder(self, stream: Stream, vae: str) -> Any:
         autoencoder = registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
@@ -256,6 +275,7 @@ class Daemon:
         t.send("state_version", self.store.version)
         # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
         t.send("model", self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model)
+        t.send("backend", self.engines.describe())
         if self.loop is not None:
             stats = self.loop.stats
             t.send("fps", float(stats.fps))

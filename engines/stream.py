@@ -106,6 +106,23 @@ def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 100
     return tuple(out)
 
 
+def unet_batches(settings: StreamSettings, stream_batch: bool, train_steps: int = 1000) -> tuple[int, ...]:
+    """The batch sizes the UNet is called with under `settings` (what TensorRT profiles must cover): the
+    latents of one call (all in-flight steps with stream batch), doubled for the negative prompt with
+    cfg full, plus one negative at the first step with cfg initialize."""
+    n = len(timesteps_for(settings.strength, settings.steps, settings.mode, train_steps, settings.t_index_list))
+    if n == 0:
+        return ()
+    cfg = settings.cfg_type if settings.guidance_scale > 1.0 else "none"
+    latents = n if stream_batch and n > 1 else 1
+    if cfg == "full":
+        return (2 * latents,)
+    if cfg == "initialize":
+        first = latents + 1
+        return (first,) if latents > 1 or n == 1 else (first, 1)
+    return (latents,)
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between two noise tensors: keeps the noise's spread where a plain
     mix would shrink it. t = 0 gives `a` and t = 1 gives `b` exactly."""
@@ -228,6 +245,8 @@ class Stream:
         self.warm_up_s = 0.0  # how long warm_up took
         # The per-frame call as CUDA graphs (engines.backends.torch_backend sets this); None: eager
         self.graphs: Callable[[_Shape, _Frame], tuple] | None = None
+        # What runs the UNet: the torch module, or a stand-in called the same way (set_modules)
+        self.unet: Callable[..., Any] = model.unet
 
     @property
     def settings(self) -> StreamSettings | None:
@@ -260,6 +279,16 @@ class Stream:
         self._transition = None
         self._shown = None
         self._in_flight = _InFlight()
+
+    def set_modules(self, *, unet: Callable[..., Any] | None = None, autoencoder: Any = None) -> None:
+        """Swap what runs the UNet and the autoencoder, between frames: stand-ins called like the torch
+        modules (the TensorRT backend's engines), or the torch modules back. The LoRAs, the prompt
+        encoders and the plan stay; CUDA graphs recorded with the old ones are dropped."""
+        if unet is not None:
+            self.unet = unet
+        if autoencoder is not None:
+            self.model.autoencoder = autoencoder
+        self._forget_graphs()
 
     def _forget_graphs(self) -> None:
         clear = getattr(self.graphs, "clear", None)
@@ -383,6 +412,9 @@ class Stream:
         if (self.loras.loaded, self.loras.weights) != before:
             # new LoRA layers, or scales that are Python numbers inside them: a graph froze the old ones
             self._forget_graphs()
+            weights_changed = getattr(self.unet, "weights_changed", None)
+            if weights_changed is not None:  # a stand-in with its own copy of the weights (an engine's refit)
+                weights_changed()
 
     def _lora_weights(self, settings: StreamSettings, texts: Sequence[str]) -> dict[str, float]:
         """The weight of each usable LoRA file the settings name, tags in the prompts last."""
@@ -657,7 +689,7 @@ class Stream:
         added = None
         if f.time_ids is not None:
             added = {"text_embeds": pooled, "time_ids": f.time_ids.expand(model_input.shape[0], -1)}
-        out = self.model.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        out = self.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         sqrt_alpha, sqrt_beta = steps.sqrt_alpha, steps.sqrt_beta
         prediction = self.prediction_type
         if cfg in ("self", "initialize") and prediction != "epsilon":

@@ -1,0 +1,395 @@
+"""TensorRT engines at run time, standing in for the stream's UNet and autoencoder.
+
+`Engine` runs one deserialized engine: an execution context per optimization profile, created on first
+use, whose activation memory is one buffer that every engine shares (`ActivationMemory`: the stream
+runs one engine at a time on one CUDA stream, so one buffer the size of the largest need serves all);
+output buffers allocated once per input shape, as torch tensors; inputs passed by address, no copy;
+`execute_async_v3` on torch's current stream, so it orders with the torch work around it and records
+into a CUDA graph like any kernel (the torch backend's FrameGraphs captures the whole frame, engines
+included; whatever changes buffers or weights clears those graphs).
+
+`TrtUNet` and `TrtAutoencoder` are called exactly like the modules they replace (the stream does not know
+which it has). A call whose shapes no profile of the engine covers (a resolution nobody built, a prompt
+longer than the profiles allow) runs the torch module instead, reported once per shape, so the show goes
+on while an engine for it is built. LoRA weights stay live: `TrtUNet.weights_changed()` refits the
+engine's LoRA layers from the torch UNet's base weights plus each active LoRA's weighted delta
+(`lora_weights`), never a rebuild; a LoRA on layers the engine cannot refit runs the UNet on torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .cache import EngineCache, EngineRecord
+
+log = logging.getLogger(__name__)
+
+
+def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+            trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool,
+            trt.DataType.INT8: torch.int8, trt.DataType.UINT8: torch.uint8}[dtype]
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be loaded or run; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------- LoRA weights
+def lora_targets(unet: torch.nn.Module) -> list[str]:
+    """The torch weight names (as in the plain UNet's state_dict) of every layer a loaded LoRA wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [f"{name}.weight" for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def lora_weights(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The weights the UNet computes with now, for each torch weight name in `names`: the base weight
+    plus the weighted delta of every LoRA active in that layer (peft's `get_delta_weight` includes the
+    scale sdbridge set from the performer's weight). A name with no LoRA layer gets its base weight."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    out = {}
+    for name in names:
+        module = unet.get_submodule(name.rsplit(".", 1)[0])
+        if not isinstance(module, BaseTunerLayer):
+            out[name] = module.weight.detach()
+            continue
+        weight = module.get_base_layer().weight.detach()
+        if not module.disable_adapters:
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+        out[name] = weight
+    return out
+
+
+def active_lora_layers(unet: torch.nn.Module) -> set[str]:
+    """Torch weight names of the layers where a LoRA is active now."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return {f"{name}.weight" for name, module in unet.named_modules()
+            if isinstance(module, BaseTunerLayer) and not module.disable_adapters
+            and any(a in module.lora_A for a in module.active_adapters)}
+
+
+# ---------------------------------------------------------------------------------------- engines
+class ActivationMemory:
+    """The scratch memory of every execution context, one buffer for all: sized once, before any frame
+    (a buffer that moved would invalidate every captured CUDA graph)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffer: torch.Tensor | None = None
+
+    def reserve(self, size: int) -> None:
+        """Make the buffer at least `size` bytes; call for every engine before its contexts exist."""
+        if self.buffer is None or self.buffer.numel() < size:
+            self.buffer = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+
+    @property
+    def size(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel()
+
+
+@dataclass
+class _Binding:
+    context: Any
+    outputs: dict[str, torch.Tensor]
+
+
+class Engine:
+    """One TensorRT engine: run it with a dict of input tensors, get a dict of output tensors back
+    (buffers this engine owns: the next call with the same shapes overwrites them)."""
+
+    def __init__(self, trt: Any, plan: bytes, record: EngineRecord, memory: ActivationMemory, *, name: str = ""):
+        self.trt, self.record, self.memory = trt, record, memory
+        self.name = name or record.key.component
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not load the {self.name} engine (built for TensorRT "
+                              f"{record.key.tensorrt}, compute capability {record.key.compute_capability}); "
+                              "rebuild it with sdbridge build")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.profiles = [{n: self.engine.get_tensor_profile_shape(n, i) for n in self.inputs}
+                         for i in range(self.engine.num_optimization_profiles)]
+        memory.reserve(max(self.engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self.profiles))))
+        self._contexts: dict[int, Any] = {}
+        self._bindings: dict[tuple, _Binding] = {}
+
+    def profile_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The first profile that takes these input shapes exactly (static) or within its range."""
+        exact = inside = None
+        for index, profile in enumerate(self.profiles):
+            low = [tuple(profile[n][0]) == tuple(shapes[n]) == tuple(profile[n][2]) for n in self.inputs]
+            if all(low) and exact is None:
+                exact = index
+            fits = all(all(lo <= s <= hi for lo, s, hi in zip(profile[n][0], shapes[n], profile[n][2]))
+                       and len(shapes[n]) == len(profile[n][0]) for n in self.inputs)
+            if fits and inside is None:
+                inside = index
+        return exact if exact is not None else inside
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Run on torch's current CUDA stream; None if no profile takes these shapes."""
+        shapes = {n: tuple(inputs[n].shape) for n in self.inputs}
+        key = tuple(shapes[n] for n in self.inputs)
+        binding = self._bindings.get(key)
+        if binding is None:
+            index = self.profile_for(shapes)
+            if index is None:
+                return None
+            binding = self._bindings[key] = self._bind(index, shapes)
+        context = binding.context
+        for name in self.inputs:
+            tensor = inputs[name]
+            if tensor.dtype != self.dtypes[name] or not tensor.is_contiguous():
+                tensor = tensor.to(self.dtypes[name]).contiguous()
+            # set every call: the tensors differ from call to call (and are the graph's own in a capture)
+            context.set_input_shape(name, shapes[name])
+            context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in binding.outputs.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(self.memory.device).cuda_stream):
+            raise EngineError(f"TensorRT could not run the {self.name} engine at {shapes}")
+        return binding.outputs
+
+    def _bind(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> _Binding:
+        context = self._contexts.get(index)
+        if context is None:
+            context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            context.set_device_memory(self.memory.buffer.data_ptr(), self.memory.size)
+            context.set_optimization_profile_async(index, torch.cuda.current_stream(self.memory.device).cuda_stream)
+            self._contexts[index] = context
+        for name in self.inputs:
+            context.set_input_shape(name, shapes[name])
+        outputs = {name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                     device=self.memory.device) for name in self.outputs}
+        return _Binding(context, outputs)
+
+
+class LoraRefit:
+    """Live LoRA weights for a UNet engine: the engine's refittable weights set from the torch UNet."""
+
+    def __init__(self, engine: Engine, refit_map: Mapping[str, tuple[str, bool]]):
+        trt = engine.trt
+        self.engine = engine
+        self.refitter = trt.Refitter(engine.engine, engine.logger)
+        refittable = set(engine.record.refittable)
+        self.by_torch = {torch_name: (onnx_name, transposed) for onnx_name, (torch_name, transposed)
+                         in refit_map.items() if onnx_name in refittable}
+        self.changed: set[str] = set()  # torch names refit away from their base weights
+        self.last_s = 0.0
+
+    def cannot_refit(self, layers: set[str]) -> list[str]:
+        return sorted(name for name in layers if name not in self.by_torch)
+
+    def apply(self, unet: torch.nn.Module) -> None:
+        """Set every layer a LoRA is active in, and every layer one was active in at the last refit,
+        to what the torch UNet computes with now; then refit, on torch's current stream."""
+        started = time.perf_counter()
+        trt = self.engine.trt
+        active = active_lora_layers(unet)
+        names = sorted((active | self.changed) & set(self.by_torch))
+        kept = []
+        for name, weight in refit_tensors(lora_weights(unet, names), self.by_torch).items():
+            prototype = self.refitter.get_weights_prototype(name)
+            weight = weight.to(torch_dtype(trt, prototype.dtype)).contiguous()
+            kept.append(weight)  # alive until the refit has read it
+            self.refitter.set_named_weights(name, trt.Weights(prototype.dtype, weight.data_ptr(), weight.numel()),
+                                            trt.TensorLocation.DEVICE)
+        stream = torch.cuda.current_stream(self.engine.memory.device)
+        if names and not self.refitter.refit_cuda_engine_async(stream.cuda_stream):
+            raise EngineError(f"TensorRT could not refit the UNet engine; missing weights: "
+                              f"{', '.join(self.refitter.get_missing_weights()[:5])}")
+        stream.synchronize()
+        self.changed = active
+        self.last_s = time.perf_counter() - started
+
+
+def refit_tensors(weights: Mapping[str, torch.Tensor], by_torch: Mapping[str, tuple[str, bool]]
+                  ) -> dict[str, torch.Tensor]:
+    """Torch weights by torch name to the tensors a refit sets, by ONNX (= TensorRT) weight name,
+    transposed where the export transposed them."""
+    out = {}
+    for name, weight in weights.items():
+        onnx_name, transposed = by_torch[name]
+        out[onnx_name] = weight.t() if transposed else weight
+    return out
+
+
+# ---------------------------------------------------------------------------------------- stand-ins
+@dataclass
+class _UNetOutput:
+    sample: torch.Tensor
+
+
+class TrtUNet:
+    """Called like a diffusers UNet2DConditionModel (the calls engines.stream makes), run by an engine."""
+
+    def __init__(self, engine: Engine, fallback: torch.nn.Module, refit: LoraRefit | None = None,
+                 on_missing: Callable[[str], None] | None = None):
+        self.engine, self.fallback, self.refit = engine, fallback, refit
+        self.on_missing = on_missing or (lambda what: None)
+        self.torch_reason: str | None = None  # set: the engine cannot do what the UNet must now
+        self._reported: set[tuple] = set()
+        self._zeros: dict[tuple, torch.Tensor] = {}
+        self.controlnet_inputs = "mid_block_res" in engine.inputs
+
+    @property
+    def config(self) -> Any:
+        return self.fallback.config
+
+    def weights_changed(self) -> None:
+        """A LoRA was loaded, unloaded or changed weight in the torch UNet: refit the engine to match, or
+        say why the UNet runs on torch until an engine that can is built."""
+        layers = active_lora_layers(self.fallback)
+        missing = self.refit.cannot_refit(layers) if self.refit is not None else sorted(layers)
+        if missing:
+            reason = (f"the LoRAs in use change {len(missing)} layers this UNet engine was not built to refit "
+                      f"(such as {missing[0]})")
+            if reason != self.torch_reason:
+                log.warning("UNet runs on torch: %s; `sdbridge build` with these LoRAs makes an engine that can",
+                            reason)
+                self.on_missing(reason)
+            self.torch_reason = reason
+            return
+        self.torch_reason = None
+        if self.refit is not None:
+            self.refit.apply(self.fallback)
+            log.info("LoRA weights refit into the UNet engine in %.1f ms", self.refit.last_s * 1000)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict | None = None, down_block_additional_residuals: Sequence | None = None,
+                 mid_block_additional_residual: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if self.torch_reason is None:
+            batch = sample.shape[0]
+            inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(batch),
+                      "encoder_hidden_states": encoder_hidden_states}
+            if added_cond_kwargs is not None:
+                inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
+            if self.controlnet_inputs:
+                inputs.update(self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual))
+            out = self.engine.run(inputs)
+            if out is not None:
+                return _UNetOutput(out["latent"].clone())  # the buffer is the engine's: the next call reuses it
+            self._report(inputs)
+        return self.fallback(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                             down_block_additional_residuals=down_block_additional_residuals,
+                             mid_block_additional_residual=mid_block_additional_residual, **kwargs)
+
+    def _residuals(self, sample: torch.Tensor, down: Sequence | None, mid: torch.Tensor | None) -> dict:
+        names = [n for n in self.engine.inputs if n.startswith("down_block_res_")]
+        if down is not None:
+            return {**dict(zip(names, down)), "mid_block_res": mid}
+        from .export import residual_shapes
+        shapes = residual_shapes(self.fallback.config, sample.shape[0], sample.shape[2], sample.shape[3])
+        out = {}
+        for name, shape in zip([*names, "mid_block_res"], [*shapes[0], shapes[1]]):
+            zeros = self._zeros.get(shape)
+            if zeros is None:
+                zeros = self._zeros[shape] = torch.zeros(shape, dtype=sample.dtype, device=sample.device)
+            out[name] = zeros
+        return out
+
+    def _report(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        shapes = tuple(tuple(t.shape) for t in inputs.values())
+        if shapes not in self._reported:
+            self._reported.add(shapes)
+            what = (f"UNet at latent {tuple(inputs['sample'].shape)}, prompt "
+                    f"{inputs['encoder_hidden_states'].shape[1]} tokens")
+            log.warning("no UNet engine profile takes %s: it runs on torch", what)
+            self.on_missing(what)
+
+
+class TrtAutoencoder:
+    """An engines.autoencoder.Autoencoder whose encode and decode run as engines (torch for a shape no
+    profile takes); everything else is the torch autoencoder's."""
+
+    def __init__(self, encoder: Engine | None, decoder: Engine | None, fallback: Any,
+                 on_missing: Callable[[str], None] | None = None):
+        self.encoder, self.decoder, self.fallback = encoder, decoder, fallback
+        self.on_missing = on_missing or (lambda what: None)
+        self._reported: set[tuple] = set()
+
+    def __getattr__(self, name: str) -> Any:  # scaling_factor, latent_channels, spatial_factor, module, name...
+        return getattr(self.fallback, name)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.encoder.run({"images": image}) if self.encoder is not None else None
+        if out is None:
+            self._report("encoder", image)
+            return self.fallback.encode(image)
+        return out["latents"].to(image.dtype, copy=True)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self.decoder.run({"latents": latents}) if self.decoder is not None else None
+        if out is None:
+            self._report("decoder", latents)
+            return self.fallback.decode(latents)
+        return out["images"].to(latents.dtype, copy=True)
+
+    def _report(self, part: str, tensor: torch.Tensor) -> None:
+        key = (part, tuple(tensor.shape))
+        if key not in self._reported:
+            self._reported.add(key)
+            what = f"autoencoder {part} at {tuple(tensor.shape)}"
+            log.warning("no engine profile takes the %s: it runs on torch", what)
+            self.on_missing(what)
+
+
+# ---------------------------------------------------------------------------------------- attach
+@dataclass
+class Attached:
+    """What `attach` put into a stream, to report and to undo."""
+
+    unet: TrtUNet
+    autoencoder: TrtAutoencoder
+    memory: ActivationMemory
+    records: list[EngineRecord]
+
+
+def attach(stream: Any, cache: EngineCache, records: Sequence[EngineRecord], *,
+           on_missing: Callable[[str], None] | None = None) -> Attached:
+    """Load the engines of `records` from `cache` and make `stream` (engines.stream.Stream) run them: its
+    UNet call and its autoencoder become TrtUNet and TrtAutoencoder around the torch ones. Call it on the
+    render thread between frames (it clears the stream's CUDA graphs); `detach` undoes it."""
+    from . import load as load_tensorrt
+    from .export import CONTROLNET, UNET, VAE_DECODER, VAE_ENCODER
+
+    trt = load_tensorrt()
+    memory = ActivationMemory(stream.device)
+    engines: dict[str, Engine] = {}
+    for record in records:
+        if record.key.component == CONTROLNET:
+            continue  # ControlNets are attached by the ControlNet code
+        engines[record.key.component] = Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
+    unet_engine = engines[UNET]
+    refit = None
+    if unet_engine.record.refittable:
+        refit_map = {k: tuple(v) for k, v in json.loads(cache.refit_map(unet_engine.record.key).read_text()).items()}
+        refit = LoraRefit(unet_engine, refit_map)
+    torch_autoencoder = stream.model.autoencoder
+    if isinstance(torch_autoencoder, TrtAutoencoder):
+        torch_autoencoder = torch_autoencoder.fallback
+    unet = TrtUNet(unet_engine, stream.model.unet, refit, on_missing)
+    autoencoder = TrtAutoencoder(engines.get(VAE_ENCODER), engines.get(VAE_DECODER), torch_autoencoder, on_missing)
+    stream.set_modules(unet=unet, autoencoder=autoencoder)
+    if stream.loras is not None:
+        unet.weights_changed()
+    log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
+             ", ".join(engines), memory.size / 2**20)
+    return Attached(unet, autoencoder, memory, list(records))
+
+
+def detach(stream: Any) -> None:
+    """Give the stream its torch UNet and autoencoder back (between frames, on the render thread)."""
+    autoencoder = stream.model.autoencoder
+    stream.set_modules(unet=stream.model.unet,
+                       autoencoder=autoencoder.fallback if isinstance(autoencoder, TrtAutoencoder) else autoencoder)

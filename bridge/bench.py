@@ -219,6 +219,7 @@ class BenchResult:
     device_name: str
     dtype: str
     fast_path: str  # the torch fast path in use: "eager", or e.g. "CUDA graphs, channels_last"
+    backend: str  # what ran the model and why: "torch (...)" or "tensorrt (...)"
     width: int
     height: int
     steps: int
@@ -271,7 +272,8 @@ class BenchResult:
             ("device", f"{self.device_name} ({self.device}), {self.dtype}"
                        + (f"; load average {self.load_average_1m:.2f} at start" if self.load_average_1m is not None
                           else "")),
-            ("model", f"{self.model} ({self.arch}), autoencoder {self.autoencoder}, {self.fast_path}; "
+            ("model", f"{self.model} ({self.arch}), autoencoder {self.autoencoder}, backend {self.backend}, "
+                      f"{self.fast_path}; "
                       f"loaded in {self.load_s:.1f} s (warm-up {self.warm_up_s:.1f} s: compilation and graph capture "
                       "happen there)"),
             ("frame", f"{self.width}x{self.height}, {self.steps} step{'s' if self.steps != 1 else ''}, {self.mode}, "
@@ -703,6 +705,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # not on Windows
 
     daemon = Daemon(settings, initial)  # ModelError here: no such model (nothing is created yet)
+    daemon.engines.build_in_background = False  # a build would compete with what is measured, then swap mid-run
     device, dtype = daemon.device, daemon.dtype
     fast_path = getattr(daemon, "fast_path", None)  # engines.backends.torch_backend.TorchOptions
     # on a quiet machine: before the daemon's threads start
@@ -808,6 +811,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         date=date, command=options.command, model=model_name, arch=arch, test_model=test_model,
         autoencoder=autoencoder, device=str(device), device_name=device_name,
         dtype=str(dtype).replace("torch.", ""), fast_path=_fast_path(fast_path, graphs),
+        backend=daemon.engines.describe(),
         width=width, height=height, steps=snap["steps"], mode=mode,
         stream_batch=settings.stream_batch, strength=snap["strength"], guidance_scale=snap["guidance_scale"],
         load_s=load_s, warm_up_s=warm_up_s, load_average_1m=load_average, daemon_errors=daemon.errors, ring=ring, engine=engine, e2e=e2e,

@@ -57,9 +57,11 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
 
 
 # ---------------------------------------------------------------------------------------- sdbridge build
-def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool = False) -> int:
+def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool = False,
+              background: bool = False) -> int:
     """`sdbridge build`: load the configured model, then export, clean and build every engine it needs
-    that is not cached. Returns the exit status."""
+    that is not cached. Returns the exit status. `background`: beside a running show (lower priority, a
+    smaller TensorRT workspace)."""
     import torch
 
     from engines import registry
@@ -73,6 +75,8 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
     from .state import Snapshot
 
     device = registry.pick_device(settings.device)
+    if background and hasattr(os, "nice"):
+        os.nice(10)
     if not onnx_only:
         reason = tensorrt.unusable_reason(device)
         if reason is not None:
@@ -95,7 +99,8 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
     cache = EngineCache(engine_dir(settings))
     log.info("building %s for %s in %s", "ONNX graphs" if onnx_only else "TensorRT engines", model.name, cache.root)
     started = time.perf_counter()
-    made = build.build(targets, cache, onnx_only=onnx_only, device=device)
+    made = build.build(targets, cache, onnx_only=onnx_only, device=device,
+                       workspace_fraction=build.BACKGROUND_WORKSPACE_FRACTION if background else build.WORKSPACE_FRACTION)
     for path in made:
         log.info("ready: %s", path)
     print(f"sdbridge build: {len(made)} {'ONNX graphs' if onnx_only else 'engines'} ready in {cache.root} "
@@ -105,7 +110,10 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
 
 # ---------------------------------------------------------------------------------------- serving
 class EngineService:
-    """Which backend serves a daemon's stream, and the TensorRT engines' life: found, built, attached."""
+    """Which backend serves a daemon's stream, and the TensorRT engines' life: found, built, attached.
+
+    One background build runs at a time. A model switched while one runs is remembered, and the build
+    thread goes on with it when the running build ends: only the newest stream gets engines."""
 
     def __init__(self, settings: Settings, initial_values: Callable[[], Mapping[str, Any]],
                  between_frames: Callable[[Callable[[Any], Any]], None], device: Any):
@@ -116,11 +124,16 @@ class EngineService:
         self._between_frames = between_frames
         self.backend = TORCH
         self.reason = ""
+        self.build_in_background = True  # False: missing engines are reported, not built (benchmarks)
         self.build_process: subprocess.Popen | None = None
+        self.attached: Any = None  # engines.backends.tensorrt.runtime.Attached, while engines serve
         self._lock = threading.Lock()
+        self._wanted: tuple[Any, Any, list] | None = None  # the newest (stream, cache, targets) to build for
+        self._builder: threading.Thread | None = None
+        self._stopping = False
+        self.wanted = False
         if settings.backend == TORCH:
             self.reason = "backend = torch"
-            self.wanted = False
             return
         problem = tensorrt.unusable_reason(device)
         if problem is not None:
@@ -128,7 +141,6 @@ class EngineService:
                 from engines.bundle import ModelError
                 raise ModelError(f"backend = tensorrt: {problem}")
             self.reason = f"TensorRT cannot serve here: {problem}"
-            self.wanted = False
             return
         self.wanted = True
         self.reason = "starting"
@@ -136,55 +148,94 @@ class EngineService:
     def describe(self) -> str:
         return f"{self.backend} ({self.reason})"
 
+    @property
+    def refit_ms(self) -> float:
+        """How long the last LoRA weight change took to refit into the UNet engine (0: none yet)."""
+        refit = self.attached.unet.refit if self.attached is not None else None
+        return refit.last_s * 1000 if refit is not None else 0.0
+
     def serve(self, stream: Any) -> bool:
         """After a model is loaded (on the thread that loads it): attach its engines if they are built,
         else build them (waiting for the build with backend tensorrt, in the background with auto).
         True if engines serve from now on."""
+        self.attached = None
+        self.backend = TORCH
         if not self.wanted:
             log.info("backend: %s", self.describe())
             return False
+        from engines.backends.tensorrt import runtime
         from engines.backends.tensorrt.cache import EngineCache
 
         cache = EngineCache(engine_dir(self.settings))
         targets = engine_targets(self.settings, stream, self._values())
         missing = [t for t in targets if not cache.has_engine(t.key)]
         if not missing:
-            return self._attach(stream, cache, targets, f"engines found in {cache.root}")
+            return self._attach(stream, lambda: runtime.load(cache, [cache.record(t.key) for t in targets],
+                                                            stream.device), f"engines found in {cache.root}")
         labels = ", ".join(t.label for t in missing)
         if self.settings.backend == TENSORRT:
             log.info("building TensorRT engines before serving: %s", labels)
-            if self._build(cache) != 0:
+            if self._build(cache, background=False) != 0:
                 from engines.bundle import ModelError
                 raise ModelError(f"the TensorRT engine build failed; see {cache.root / 'build.log'}")
-            return self._attach(stream, cache, targets, "engines built at start")
+            return self._attach(stream, lambda: runtime.load(cache, [cache.record(t.key) for t in targets],
+                                                            stream.device), "engines built at start")
+        if not self.build_in_background:
+            self.reason = f"no engines built for this configuration ({labels}; sdbridge build makes them)"
+            log.info("backend: %s", self.describe())
+            return False
         self.reason = f"building TensorRT engines in the background ({labels}); torch serves meanwhile"
         log.info("backend: %s", self.describe())
-        threading.Thread(target=self._build_then_attach, args=(stream, cache, targets), daemon=True,
-                         name="sdbridge-engine-build").start()
+        with self._lock:
+            self._wanted = (stream, cache, targets)
+            if self._builder is None:
+                self._builder = threading.Thread(target=self._build_then_attach, daemon=True,
+                                                 name="sdbridge-engine-build")
+                self._builder.start()
         return False
 
-    def _build_then_attach(self, stream: Any, cache: Any, targets: list) -> None:
-        status = self._build(cache)
-        if status != 0:
-            self.reason = f"the TensorRT engine build failed (exit {status}; see {cache.root / 'build.log'}); torch serves"
-            log.error("backend: %s", self.describe())
-            return
-        if not all(cache.has_engine(t.key) for t in targets):
-            self.reason = "the build made engines for other settings (they changed meanwhile); torch serves"
-            log.warning("backend: %s", self.describe())
-            return
-
-        def swap(current: Any) -> None:
-            if current is stream:  # the model was not switched meanwhile
-                self._attach(current, cache, targets, "engines built in the background, swapped in at a frame boundary")
-        self._between_frames(swap)
-
-    def _attach(self, stream: Any, cache: Any, targets: list, why: str) -> bool:
+    def _build_then_attach(self) -> None:
         from engines.backends.tensorrt import runtime
 
-        records = [cache.record(t.key) for t in targets]
+        while True:
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+                if wanted is None or self._stopping:
+                    self._builder = None
+                    return
+            stream, cache, targets = wanted
+            status = 0 if all(cache.has_engine(t.key) for t in targets) else self._build(cache, background=True)
+            with self._lock:
+                superseded = self._wanted is not None
+            if superseded or self._stopping:
+                continue  # another model was asked for meanwhile: that one now
+            if status != 0:
+                self.reason = (f"the TensorRT engine build failed (exit {status}; see {cache.root / 'build.log'}); "
+                               "torch serves")
+                log.error("backend: %s", self.describe())
+                continue
+            if not all(cache.has_engine(t.key) for t in targets):
+                self.reason = "the build made engines for other settings (they changed meanwhile); torch serves"
+                log.warning("backend: %s", self.describe())
+                continue
+            try:  # the slow part here, off the render thread; only the swap waits for a frame boundary
+                loaded = runtime.load(cache, [cache.record(t.key) for t in targets], stream.device)
+            except Exception as e:
+                self.reason = f"the TensorRT engines could not be loaded ({e}); torch serves"
+                log.error("backend: %s", self.describe())
+                continue
+
+            def swap(current: Any, stream=stream, loaded=loaded) -> None:
+                if current is stream:  # the model was not switched meanwhile
+                    self._attach(current, lambda: loaded,
+                                 "engines built in the background, swapped in at a frame boundary")
+            self._between_frames(swap)
+
+    def _attach(self, stream: Any, load: Callable[[], Any], why: str) -> bool:
+        from engines.backends.tensorrt import runtime
+
         try:
-            runtime.attach(stream, cache, records, on_missing=self._on_missing)
+            self.attached = runtime.attach(stream, load(), on_missing=self._on_missing)
         except Exception as e:  # a corrupt or incompatible engine must not stop the show
             self.backend, self.reason = TORCH, f"the TensorRT engines could not be loaded ({e}); torch serves"
             log.error("backend: %s", self.describe())
@@ -196,7 +247,7 @@ class EngineService:
     def _on_missing(self, what: str) -> None:
         self.reason = f"engines serve; {what} runs on torch (sdbridge build makes an engine for it)"
 
-    def _build(self, cache: Any) -> int:
+    def _build(self, cache: Any, *, background: bool) -> int:
         """Run `sdbridge build` for these settings as a child process; its output goes to build.log."""
         cache.root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
@@ -204,12 +255,17 @@ class EngineService:
             config_path = f.name
         log_path = cache.root / "build.log"
         started = time.monotonic()
+        command = [sys.executable, "-m", "bridge.cli", "build", "--config", config_path]
+        if background:
+            command.append("--background")
         try:
             with open(log_path, "ab") as log_file:
-                command = [sys.executable, "-m", "bridge.cli", "build", "--config", config_path]
                 log.info("engine build: %s (log: %s)", " ".join(command), log_path)
-                self.build_process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                      stdin=subprocess.DEVNULL)
+                with self._lock:
+                    if self._stopping:
+                        return 1
+                    self.build_process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                          stdin=subprocess.DEVNULL)
                 status = self.build_process.wait()
         finally:
             os.unlink(config_path)
@@ -217,7 +273,11 @@ class EngineService:
         return status
 
     def stop(self) -> None:
-        process = self.build_process
+        """Stop a running build (the daemon is stopping); its finished stages stay cached."""
+        with self._lock:
+            self._stopping = True
+            self._wanted = None
+            process = self.build_process
         if process is not None and process.poll() is None:
             process.terminate()
 

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "builds only what is missing, an interrupted one resumes. docs/tensorrt.md.")
     build.add_argument("--onnx-only", action="store_true",
                        help="export and clean the ONNX graphs only (needs no TensorRT and no GPU)")
+    build.add_argument("--background", action="store_true",
+                       help="build beside a running show (what serve's background builds use): lower process "
+                       "priority and a smaller TensorRT workspace, so the show keeps its GPU memory and CPU")
     _add_flags(build)
     doctor = sub.add_parser("doctor", help="say what this machine can run and which built engines are stale",
                             description="Report Python, torch, CUDA, the GPU, TensorRT and the ONNX tools, which "
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(settings, initial, args, argv)
         if args.command == "build":
-            return _build(settings, initial, args.onnx_only)
+            return _build(settings, initial, args.onnx_only, args.background)
         if args.command == "doctor":
             from .builds import doctor
             print(doctor(settings))
@@ -284,13 +287,13 @@ def _bench(settings: config.Settings, initial: dict[str, Any], args: argparse.Na
     return 0
 
 
-def _build(settings: config.Settings, initial: dict[str, Any], onnx_only: bool) -> int:
+def _build(settings: config.Settings, initial: dict[str, Any], onnx_only: bool, background: bool) -> int:
     from engines.backends.tensorrt import TensorRTUnavailable
     from engines.backends.tensorrt.build import EngineBuildError
 
     from .builds import run_build
     try:
-        return run_build(settings, initial, onnx_only=onnx_only)
+        return run_build(settings, initial, onnx_only=onnx_only, background=background)
     except (TensorRTUnavailable, EngineBuildError) as e:
         print(f"sdbridge build: {e}", file=sys.stderr)
         return 2

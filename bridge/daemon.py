@@ -276,6 +276,8 @@ class Daemon:
         # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
         t.send("model", self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model)
         t.send("backend", self.engines.describe())
+        if self.engines.attached is not None:
+            t.send("refit_ms", float(self.engines.refit_ms))
         if self.loop is not None:
             stats = self.loop.stats
             t.send("fps", float(stats.fps))

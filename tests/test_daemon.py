@@ -144,6 +144,9 @@ def test_telemetry_reports_fps_latency_frame_state_version_status_and_model(daem
     assert daemon.telemetry.wait_for("/sdbridge/fps", t0, predicate=lambda a: a[0] > 0)
     assert daemon.telemetry.wait_for("/sdbridge/latency_ms", t0, predicate=lambda a: 0 < a[0] < 10_000)
     assert daemon.telemetry.wait_for("/sdbridge/status", t0) == ["ready"]
+    # which backend serves, and why: here no CUDA, so torch (docs/tensorrt.md)
+    backend, = daemon.telemetry.wait_for("/sdbridge/backend", t0)
+    assert backend.startswith("torch (") and "TensorRT" in backend
 
 
 def test_pause_holds_the_last_output(daemon):

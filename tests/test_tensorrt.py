@@ -125,6 +125,27 @@ def test_graph_inputs_and_outputs_are_named_and_typed_as_the_runtime_expects(bun
     assert not any(node.op_type == "Attention" for node in model.graph.node)  # attention as plain ops
 
 
+def test_a_float16_export_keeps_float16_tensors_for_strongly_typed_engines(tmp_path):
+    """Engines take the graph's types (TensorRT 11 has no other mode), so the export is made in float16;
+    the timestep stays float32. The graph still computes the float32 model's result within float16's
+    precision, and the refit map finds the float16 weights."""
+    half = tiny.build_unet().half()
+    component = export.unet_component(half)
+    path = exported(component, tmp_path)
+    model = onnx.load(str(path))
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert types == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
+                     "encoder_hidden_states": onnx.TensorProto.FLOAT16}
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    inputs = component.sample_inputs(Profile(1, 64, 64), CPU, seed=1)
+    got = run_onnx(path, component, inputs)[0].astype(np.float32)
+    with torch.no_grad():
+        expected = export.unet_component(tiny.build_unet()).module(*(t.float() for t in inputs)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-2)
+    names = export.refit_names(half, path)
+    assert sum(transposed for _, transposed in names.values()) >= 40  # the attention projections, transposed
+
+
 def test_residual_shapes_are_the_shapes_a_controlnet_produces(bundle):
     controlnet = tiny_controlnet(bundle.unet)
     component = export.controlnet_component(controlnet)
@@ -396,6 +417,27 @@ def test_doctor_lists_engines_and_says_which_are_stale_and_why(tmp_path):
     assert "engines in" in result.stdout and "torch" in result.stdout
 
 
+def test_a_background_build_that_fails_leaves_torch_serving_and_says_why(tmp_path):
+    from bridge.builds import EngineService
+
+    settings = config.Settings(model="tiny", engine_dir=str(tmp_path))
+    values = {**{p.name: p.default for p in config.initial_params()}, "width": 64, "height": 64}
+    swaps = []
+    service = EngineService(settings, lambda: values, swaps.append, CPU)
+    assert not service.wanted and service.describe().startswith("torch (TensorRT cannot serve here")
+    # As on a machine with TensorRT, the engines are missing and auto builds them in a child process;
+    # here that child finds no GPU and fails, which is the path under test.
+    service.wanted = True
+    stream = Stream(tiny.build_bundle(), CPU, torch.float32)
+    assert service.serve(stream) is False
+    builder = service._builder
+    assert "in the background" in service.reason and service.backend == "torch"
+    builder.join(180)
+    assert not builder.is_alive()
+    assert "build failed" in service.reason and service.backend == "torch" and not swaps
+    assert "TensorRT needs an NVIDIA GPU" in (tmp_path / "build.log").read_text()
+
+
 def test_settings_for_a_child_build_round_trip_through_toml(tmp_path):
     settings, initial = config.load(None, {"model": "tiny", "engine_resolutions": ["768x512"], "prompt": 'say "hi"',
                                            "lora/de tail": 0.5, "seeds": [[1, 0.5]], "backend": "auto"})
@@ -457,7 +499,8 @@ def test_a_lora_weight_change_refits_the_unet_engine_to_match_torch(built):
     model, engine_cache, targets_, lora = built
     unet_target = targets_[0]
     stream = Stream(model, CUDA, torch.float16, find_lora=lambda name: lora)
-    attached = runtime.attach(stream, engine_cache, [engine_cache.record(t.key) for t in targets_])
+    loaded = runtime.load(engine_cache, [engine_cache.record(t.key) for t in targets_], CUDA)
+    attached = runtime.attach(stream, loaded)
     assert attached.unet.refit is not None
     inputs = unet_target.component.sample_inputs(Profile(1, 64, 64), CUDA, seed=3)
     image = torch.rand(1, 3, 64, 64, device=CUDA, dtype=torch.float16) * 2 - 1
@@ -469,4 +512,28 @@ def test_a_lora_weight_change_refits_the_unet_engine_to_match_torch(built):
         with torch.no_grad():
             expected = model.unet(*inputs[:3]).sample
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    runtime.detach(stream)
+
+
+@pytest.mark.tensorrt
+@gpu
+def test_a_stream_on_engines_and_cuda_graphs_renders_what_torch_renders(built):
+    from engines.backends import torch_backend
+    from engines.frames import OutputFormat
+
+    model, engine_cache, targets_, _ = built
+    stream = Stream(model, CUDA, torch.float16)
+    torch_backend.accelerate(stream, torch_backend.TorchOptions.resolve(CUDA))
+    settings = StreamSettings(prompt="a cat", seed=3, strength=0.6, width=64, height=64)
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    output = OutputFormat()
+    stream.prepare(settings)
+    expected = [stream.render_pixels(pixels, output).copy() for _ in range(3)][-1]
+    runtime.attach(stream, runtime.load(engine_cache, [engine_cache.record(t.key) for t in targets_], CUDA))
+    stream.prepare(settings)
+    # eager while the swap settles (torch_backend.SETTLE_FRAMES), then captured and replayed
+    frames = [stream.render_pixels(pixels, output).copy() for _ in range(torch_backend.SETTLE_FRAMES + 4)]
+    assert stream.graphs.captured >= 1 and not stream.graphs.failed
+    for frame in frames:
+        assert np.abs(frame.astype(int) - expected.astype(int)).mean() < 3  # 8-bit levels, float16 engines
     runtime.detach(stream)

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 TENSORRT_PACKAGES = {12: "tensorrt-cu12", 13: "tensorrt-cu13"}
+# 10.2: weights marked refittable one by one (REFIT_INDIVIDUAL, mark_weights_refittable), which LoRA refit
+# uses; 10.1 brought the memory calls the runtime uses (set_device_memory, *_size_v2).
+MINIMUM_VERSION = (10, 2)
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -36,10 +39,10 @@ def load() -> Any:
         import tensorrt
     except (ImportError, OSError) as e:  # the package is there but its libraries are not
         raise TensorRTUnavailable(f"TensorRT is installed but does not load ({e}). {install_hint()}") from e
-    major = int(str(tensorrt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"TensorRT {tensorrt.__version__} is too old: sdbridge needs 10 or later. "
-                                  f"{install_hint()}")
+    version = tuple(int(part) for part in str(tensorrt.__version__).split(".")[:2])
+    if version < MINIMUM_VERSION:
+        raise TensorRTUnavailable(f"TensorRT {tensorrt.__version__} is too old: sdbridge needs "
+                                  f"{'.'.join(map(str, MINIMUM_VERSION))} or later. {install_hint()}")
     return tensorrt
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .export import Component, Profile
 log = logging.getLogger(__name__)
 
 WORKSPACE_FRACTION = 0.75  # of the GPU's free memory the builder may use for trying tactics
+BACKGROUND_WORKSPACE_FRACTION = 0.3  # the same beside a running show, which must keep its memory
 
 
 @dataclass
@@ -146,7 +148,8 @@ def _counting_modules(module: torch.nn.Module, advance: Callable[[int], None]) -
 
 # ---------------------------------------------------------------------------------------- the stages
 def build(build_targets: Sequence[Target], cache: EngineCache, *, onnx_only: bool = False,
-          progress: Progress | None = None, device: torch.device | None = None) -> list[Path]:
+          progress: Progress | None = None, device: torch.device | None = None,
+          workspace_fraction: float = WORKSPACE_FRACTION) -> list[Path]:
     """Make every target's missing stages; returns the engine plans (or, with `onnx_only`, the cleaned
     ONNX files). Raises TensorRTUnavailable when engines are asked for and TensorRT cannot run, before
     any work, and EngineBuildError when TensorRT refuses a graph."""
@@ -163,7 +166,9 @@ def build(build_targets: Sequence[Target], cache: EngineCache, *, onnx_only: boo
         if onnx_only:
             made.append(cleaned)
             continue
-        made.append(build_engine(trt, target, cache, progress, device or torch.device("cuda")))
+        device = device or torch.device("cuda")
+        with torch.cuda.device(device):  # TensorRT builds on the current CUDA device
+            made.append(build_engine(trt, target, cache, progress, device, workspace_fraction))
     return made
 
 
@@ -198,7 +203,7 @@ def _written(final: Path) -> Iterator[Path]:
     the weights of a model over 2 GB as one file per tensor: those are gathered into one first."""
     import shutil
 
-    folder = final.parent / f".{final.stem}.partial"
+    folder = final.parent / f".{final.stem}.{os.getpid()}.partial"  # two builds never share one
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     temporary = folder / final.name
@@ -226,7 +231,8 @@ class EngineBuildError(RuntimeError):
     """TensorRT could not parse or build a graph; the message has TensorRT's own words."""
 
 
-def build_engine(trt: Any, target: Target, cache: EngineCache, progress: Progress, device: torch.device) -> Path:
+def build_engine(trt: Any, target: Target, cache: EngineCache, progress: Progress, device: torch.device,
+                 workspace_fraction: float = WORKSPACE_FRACTION) -> Path:
     """Parse the cleaned ONNX graph, build a strongly typed engine with the key's profiles, save it with
     its record, and keep the timing cache."""
     key = target.key
@@ -239,7 +245,7 @@ def build_engine(trt: Any, target: Target, cache: EngineCache, progress: Progres
         raise EngineBuildError(f"TensorRT could not parse the {key.component} graph: {errors}")
     config = builder.create_builder_config()
     free, _ = torch.cuda.mem_get_info(device)
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(free * WORKSPACE_FRACTION))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(free * workspace_fraction))
     component = target.component
     for profile in (*key.profiles, *((key.dynamic,) if key.dynamic else ())):
         config.add_optimization_profile(_profile(builder, component, profile))
@@ -247,6 +253,9 @@ def build_engine(trt: Any, target: Target, cache: EngineCache, progress: Progres
     gpu_name, _ = gpu_identity(device)
     timing_path = cache.timing_cache(gpu_name, key.tensorrt)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+    if timing is None:  # a cache this TensorRT cannot read: start a new one
+        log.warning("timing cache %s is unreadable; starting a new one", timing_path)
+        timing = config.create_timing_cache(b"")
     config.set_timing_cache(timing, ignore_mismatch=False)
     started = time.perf_counter()
     with progress.stage(f"build {target.label} engine (TensorRT {key.tensorrt})") as bar:
@@ -276,32 +285,30 @@ def _profile(builder: Any, component: Component, profile: Profile | tuple[Profil
 
 
 def _mark_refittable(trt: Any, network: Any, config: Any, target: Target, cache: EngineCache) -> list[str]:
-    """Make the weights LoRAs change refittable: only those with REFIT_INDIVIDUAL (TensorRT 10.2 and
-    later; every other weight stays free to fold and fuse), all of them with REFIT before that. TensorRT
-    11.3's notes say REFIT can drop a GEMM bias: another reason to mark weights one by one."""
+    """Make the weights LoRAs change refittable, and only those (REFIT_INDIVIDUAL): every other weight
+    stays free to fold and fuse. (TensorRT 11.3's notes also say the all-weights REFIT flag can drop a
+    GEMM bias.) Returns the names TensorRT accepted."""
     if not target.lora_targets:
         return []
     refit_map = json.loads(cache.refit_map(target.key).read_text())
     wanted = set(target.lora_targets)
     names = sorted(onnx_name for onnx_name, (torch_name, _) in refit_map.items() if torch_name in wanted)
-    missing = wanted - {refit_map[n][0] for n in names}
-    if missing:
-        log.warning("%d LoRA layers have no ONNX weight of their own (fused by the export); a LoRA on them runs "
-                    "on torch: %s", len(missing), ", ".join(sorted(missing)[:5]))
-    if hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL"):
-        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
-        for name in names:
-            network.mark_weights_refittable(name)
-    else:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    return names
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    marked = [name for name in names if network.mark_weights_refittable(name)]
+    left_out = wanted - {refit_map[n][0] for n in marked}
+    if left_out:
+        log.warning("%d LoRA layers cannot be refit in this engine (the export fused their weights, or TensorRT "
+                    "refused to mark them); a LoRA on them runs the UNet on torch: %s", len(left_out),
+                    ", ".join(sorted(left_out)[:5]))
+    return marked
 
 
 def _save_timing_cache(config: Any, path: Path) -> None:
     """Keep what this build measured, merged with what another build may have saved meanwhile."""
     cache = config.get_timing_cache()
-    if path.is_file():
-        cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=True)
+    saved = config.create_timing_cache(path.read_bytes()) if path.is_file() else None
+    if saved is not None:
+        cache.combine(saved, ignore_mismatch=True)
     write_atomically(path, bytes(cache.serialize()))
 
 

@@ -77,17 +77,22 @@ def active_lora_layers(unet: torch.nn.Module) -> set[str]:
 
 # ---------------------------------------------------------------------------------------- engines
 class ActivationMemory:
-    """The scratch memory of every execution context, one buffer for all: sized once, before any frame
-    (a buffer that moved would invalidate every captured CUDA graph)."""
+    """The scratch memory of every execution context, one buffer for all: sized before any context
+    exists (a buffer that moved would invalidate every context and every captured CUDA graph)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.buffer: torch.Tensor | None = None
+        self.in_use = False  # set when the first context points at the buffer
 
     def reserve(self, size: int) -> None:
-        """Make the buffer at least `size` bytes; call for every engine before its contexts exist."""
-        if self.buffer is None or self.buffer.numel() < size:
-            self.buffer = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+        """Make the buffer at least `size` bytes; every engine calls it when it is loaded."""
+        if self.buffer is not None and self.buffer.numel() >= size:
+            return
+        if self.in_use:
+            raise EngineError("an engine that needs more activation memory was loaded after others started "
+                              "running; load every engine before the first frame")
+        self.buffer = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
 
     @property
     def size(self) -> int:
@@ -102,13 +107,21 @@ class _Binding:
 
 class Engine:
     """One TensorRT engine: run it with a dict of input tensors, get a dict of output tensors back
-    (buffers this engine owns: the next call with the same shapes overwrites them)."""
+    (buffers this engine owns: the next call with the same shapes overwrites them).
+
+    Each input shape gets an execution context of its own (on the profile that takes it), all on the
+    shared activation memory: a CUDA graph captured with one context replays its shapes, and a context
+    whose shapes changed for another graph would break it (NVIDIA's advice: one context per graph,
+    memory shared). Engines run on a stream of their own, never on CUDA's legacy default stream (where
+    TensorRT would add device-wide synchronisations), ordered after and before torch's current stream;
+    inside a CUDA graph capture they run on the capturing stream itself."""
 
     def __init__(self, trt: Any, plan: bytes, record: EngineRecord, memory: ActivationMemory, *, name: str = ""):
         self.trt, self.record, self.memory = trt, record, memory
         self.name = name or record.key.component
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
+        with torch.cuda.device(memory.device):
+            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
         if self.engine is None:
             raise EngineError(f"TensorRT could not load the {self.name} engine (built for TensorRT "
                               f"{record.key.tensorrt}, compute capability {record.key.compute_capability}); "
@@ -120,24 +133,26 @@ class Engine:
         self.profiles = [{n: self.engine.get_tensor_profile_shape(n, i) for n in self.inputs}
                          for i in range(self.engine.num_optimization_profiles)]
         memory.reserve(max(self.engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self.profiles))))
-        self._contexts: dict[int, Any] = {}
         self._bindings: dict[tuple, _Binding] = {}
+        self._stream = torch.cuda.Stream(memory.device)
 
     def profile_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
         """The first profile that takes these input shapes exactly (static) or within its range."""
         exact = inside = None
         for index, profile in enumerate(self.profiles):
-            low = [tuple(profile[n][0]) == tuple(shapes[n]) == tuple(profile[n][2]) for n in self.inputs]
-            if all(low) and exact is None:
+            if exact is None and all(tuple(profile[n][0]) == tuple(shapes[n]) == tuple(profile[n][2])
+                                     for n in self.inputs):
                 exact = index
-            fits = all(all(lo <= s <= hi for lo, s, hi in zip(profile[n][0], shapes[n], profile[n][2]))
-                       and len(shapes[n]) == len(profile[n][0]) for n in self.inputs)
+            fits = all(len(shapes[n]) == len(profile[n][0])
+                       and all(lo <= s <= hi for lo, s, hi in zip(profile[n][0], shapes[n], profile[n][2]))
+                       for n in self.inputs)
             if fits and inside is None:
                 inside = index
         return exact if exact is not None else inside
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Run on torch's current CUDA stream; None if no profile takes these shapes."""
+        """Run after the work already on torch's current CUDA stream (and before what comes next on it);
+        None if no profile takes these shapes."""
         shapes = {n: tuple(inputs[n].shape) for n in self.inputs}
         key = tuple(shapes[n] for n in self.inputs)
         binding = self._bindings.get(key)
@@ -147,43 +162,61 @@ class Engine:
                 return None
             binding = self._bindings[key] = self._bind(index, shapes)
         context = binding.context
+        kept = []  # converted inputs live until the engine has read them
         for name in self.inputs:
             tensor = inputs[name]
             if tensor.dtype != self.dtypes[name] or not tensor.is_contiguous():
                 tensor = tensor.to(self.dtypes[name]).contiguous()
-            # set every call: the tensors differ from call to call (and are the graph's own in a capture)
-            context.set_input_shape(name, shapes[name])
+                kept.append(tensor)
+            # every call: the tensors differ from call to call (in a capture they are the graph's own)
             context.set_tensor_address(name, tensor.data_ptr())
         for name, tensor in binding.outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
-        if not context.execute_async_v3(torch.cuda.current_stream(self.memory.device).cuda_stream):
+        current = torch.cuda.current_stream(self.memory.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        stream = current if capturing or current.cuda_stream != 0 else self._stream
+        if stream is not current:
+            stream.wait_stream(current)
+        if not context.execute_async_v3(stream.cuda_stream):
             raise EngineError(f"TensorRT could not run the {self.name} engine at {shapes}")
+        if stream is not current:
+            current.wait_stream(stream)  # what follows on torch's stream (and reuse of `kept`) waits for it
         return binding.outputs
 
     def _bind(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> _Binding:
-        context = self._contexts.get(index)
-        if context is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise EngineError(f"the {self.name} engine met new shapes {dict(shapes)} inside a CUDA graph capture; "
+                              "a frame shape must run once before it is captured")
+        with torch.cuda.device(self.memory.device):
             context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            self.memory.in_use = True
             context.set_device_memory(self.memory.buffer.data_ptr(), self.memory.size)
-            context.set_optimization_profile_async(index, torch.cuda.current_stream(self.memory.device).cuda_stream)
-            self._contexts[index] = context
-        for name in self.inputs:
-            context.set_input_shape(name, shapes[name])
-        outputs = {name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name],
-                                     device=self.memory.device) for name in self.outputs}
+            context.set_optimization_profile_async(index, self._stream.cuda_stream)
+            for name in self.inputs:
+                if not context.set_input_shape(name, shapes[name]):
+                    raise EngineError(f"the {self.name} engine refused shape {shapes[name]} for {name}")
+            self._stream.synchronize()
+            outputs = {name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                         device=self.memory.device) for name in self.outputs}
         return _Binding(context, outputs)
 
 
 class LoraRefit:
-    """Live LoRA weights for a UNet engine: the engine's refittable weights set from the torch UNet."""
+    """Live LoRA weights for a UNet engine: the engine's refittable weights set from the torch UNet.
 
-    def __init__(self, engine: Engine, refit_map: Mapping[str, tuple[str, bool]]):
-        trt = engine.trt
+    A new Refitter per refit (as NVIDIA's diffusion demo does): a Refitter keeps pointers to every weight
+    it was given, and those tensors are gone after the refit. Weights TensorRT combined with a changed one
+    come back as missing and are supplied too: from the torch UNet when the refit map knows them, else
+    from the ONNX graph's own (base) values."""
+
+    def __init__(self, engine: Engine, refit_map: Mapping[str, tuple[str, bool]], onnx_path: Any = None):
         self.engine = engine
-        self.refitter = trt.Refitter(engine.engine, engine.logger)
         refittable = set(engine.record.refittable)
         self.by_torch = {torch_name: (onnx_name, transposed) for onnx_name, (torch_name, transposed)
                          in refit_map.items() if onnx_name in refittable}
+        self.by_onnx = {onnx_name: (torch_name, transposed) for onnx_name, (torch_name, transposed)
+                        in refit_map.items()}
+        self.onnx_path = onnx_path
         self.changed: set[str] = set()  # torch names refit away from their base weights
         self.last_s = 0.0
 
@@ -192,25 +225,56 @@ class LoraRefit:
 
     def apply(self, unet: torch.nn.Module) -> None:
         """Set every layer a LoRA is active in, and every layer one was active in at the last refit,
-        to what the torch UNet computes with now; then refit, on torch's current stream."""
+        to what the torch UNet computes with now; then refit. Raises EngineError if TensorRT refuses,
+        and the engine must not serve then (a failed refit may have changed some weights)."""
         started = time.perf_counter()
-        trt = self.engine.trt
         active = active_lora_layers(unet)
         names = sorted((active | self.changed) & set(self.by_torch))
-        kept = []
-        for name, weight in refit_tensors(lora_weights(unet, names), self.by_torch).items():
-            prototype = self.refitter.get_weights_prototype(name)
-            weight = weight.to(torch_dtype(trt, prototype.dtype)).contiguous()
-            kept.append(weight)  # alive until the refit has read it
-            self.refitter.set_named_weights(name, trt.Weights(prototype.dtype, weight.data_ptr(), weight.numel()),
-                                            trt.TensorLocation.DEVICE)
-        stream = torch.cuda.current_stream(self.engine.memory.device)
-        if names and not self.refitter.refit_cuda_engine_async(stream.cuda_stream):
-            raise EngineError(f"TensorRT could not refit the UNet engine; missing weights: "
-                              f"{', '.join(self.refitter.get_missing_weights()[:5])}")
+        if not names:
+            return
+        trt = self.engine.trt
+        refitter = trt.Refitter(self.engine.engine, self.engine.logger)
+        kept: list[torch.Tensor] = []  # alive until the refit has read them
+
+        def give(onnx_name: str, weight: torch.Tensor) -> None:
+            prototype = refitter.get_weights_prototype(onnx_name)
+            weight = weight.to(device=self.engine.memory.device, dtype=torch_dtype(trt, prototype.dtype)).contiguous()
+            if weight.numel() != prototype.size:
+                raise EngineError(f"refit of {onnx_name}: {weight.numel()} values, the engine has {prototype.size}")
+            kept.append(weight)
+            if not refitter.set_named_weights(onnx_name, trt.Weights(prototype.dtype, weight.data_ptr(), weight.numel()),
+                                              trt.TensorLocation.DEVICE):
+                raise EngineError(f"TensorRT refused the refit weights of {onnx_name}")
+
+        for onnx_name, weight in refit_tensors(lora_weights(unet, names), self.by_torch).items():
+            give(onnx_name, weight)
+        for onnx_name in refitter.get_missing_weights():  # partners TensorRT combined with a changed weight
+            give(onnx_name, self._base_weight(unet, onnx_name))
+        stream = self.engine._stream
+        stream.wait_stream(torch.cuda.current_stream(self.engine.memory.device))
+        with torch.cuda.device(self.engine.memory.device):
+            ok = refitter.refit_cuda_engine_async(stream.cuda_stream)
         stream.synchronize()
+        if not ok:
+            raise EngineError("TensorRT could not refit the UNet engine")
         self.changed = active
         self.last_s = time.perf_counter() - started
+
+    def _base_weight(self, unet: torch.nn.Module, onnx_name: str) -> torch.Tensor:
+        known = self.by_onnx.get(onnx_name)
+        if known is not None:
+            torch_name, transposed = known
+            weight = lora_weights(unet, [torch_name])[torch_name]
+            return weight.t() if transposed else weight
+        if self.onnx_path is None:
+            raise EngineError(f"the refit needs weight {onnx_name}, which no torch weight matches")
+        import onnx
+        from onnx import numpy_helper
+        model = onnx.load(str(self.onnx_path))
+        for initializer in model.graph.initializer:
+            if initializer.name == onnx_name:
+                return torch.from_numpy(numpy_helper.to_array(initializer, base_dir=str(self.onnx_path.parent)).copy())
+        raise EngineError(f"the refit needs weight {onnx_name}, which the ONNX graph does not have")
 
 
 def refit_tensors(weights: Mapping[str, torch.Tensor], by_torch: Mapping[str, tuple[str, bool]]
@@ -260,10 +324,16 @@ class TrtUNet:
                 self.on_missing(reason)
             self.torch_reason = reason
             return
-        self.torch_reason = None
         if self.refit is not None:
-            self.refit.apply(self.fallback)
+            try:
+                self.refit.apply(self.fallback)
+            except EngineError as e:
+                self.torch_reason = f"the LoRA refit failed ({e})"
+                log.error("UNet runs on torch: %s", self.torch_reason)
+                self.on_missing(self.torch_reason)
+                return
             log.info("LoRA weights refit into the UNet engine in %.1f ms", self.refit.last_s * 1000)
+        self.torch_reason = None
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, down_block_additional_residuals: Sequence | None = None,
@@ -285,7 +355,8 @@ class TrtUNet:
                              mid_block_additional_residual=mid_block_additional_residual, **kwargs)
 
     def _residuals(self, sample: torch.Tensor, down: Sequence | None, mid: torch.Tensor | None) -> dict:
-        names = [n for n in self.engine.inputs if n.startswith("down_block_res_")]
+        names = sorted((n for n in self.engine.inputs if n.startswith("down_block_res_")),
+                       key=lambda n: int(n.rsplit("_", 1)[1]))
         if down is not None:
             return {**dict(zip(names, down)), "mid_block_res": mid}
         from .export import residual_shapes
@@ -346,46 +417,66 @@ class TrtAutoencoder:
 
 # ---------------------------------------------------------------------------------------- attach
 @dataclass
-class Attached:
-    """What `attach` put into a stream, to report and to undo."""
+class Loaded:
+    """A stream's engines, read and deserialized (the slow part, done on any thread)."""
 
-    unet: TrtUNet
-    autoencoder: TrtAutoencoder
+    engines: dict[str, Engine]
     memory: ActivationMemory
+    refit_map: dict[str, tuple[str, bool]]
+    onnx_path: Any
     records: list[EngineRecord]
 
 
-def attach(stream: Any, cache: EngineCache, records: Sequence[EngineRecord], *,
-           on_missing: Callable[[str], None] | None = None) -> Attached:
-    """Load the engines of `records` from `cache` and make `stream` (engines.stream.Stream) run them: its
-    UNet call and its autoencoder become TrtUNet and TrtAutoencoder around the torch ones. Call it on the
-    render thread between frames (it clears the stream's CUDA graphs); `detach` undoes it."""
+def load(cache: EngineCache, records: Sequence[EngineRecord], device: torch.device) -> Loaded:
+    """Read and deserialize the engines of `records` from `cache` onto `device`, with one activation
+    memory for all. Slow (gigabytes from disk): call it off the render thread."""
     from . import load as load_tensorrt
-    from .export import CONTROLNET, UNET, VAE_DECODER, VAE_ENCODER
+    from .export import CONTROLNET, UNET
 
     trt = load_tensorrt()
-    memory = ActivationMemory(stream.device)
-    engines: dict[str, Engine] = {}
-    for record in records:
-        if record.key.component == CONTROLNET:
-            continue  # ControlNets are attached by the ControlNet code
-        engines[record.key.component] = Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
-    unet_engine = engines[UNET]
-    refit = None
-    if unet_engine.record.refittable:
-        refit_map = {k: tuple(v) for k, v in json.loads(cache.refit_map(unet_engine.record.key).read_text()).items()}
-        refit = LoraRefit(unet_engine, refit_map)
+    memory = ActivationMemory(device)
+    engines = {record.key.component: Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
+               for record in records if record.key.component != CONTROLNET}  # ControlNets: the ControlNet code's
+    unet = engines[UNET].record
+    refit_map = {}
+    if unet.refittable:
+        refit_map = {k: tuple(v) for k, v in json.loads(cache.refit_map(unet.key).read_text()).items()}
+    return Loaded(engines, memory, refit_map, cache.cleaned(unet.key), list(records))
+
+
+@dataclass
+class Attached:
+    """What `attach` put into a stream."""
+
+    unet: TrtUNet
+    autoencoder: TrtAutoencoder
+    loaded: Loaded
+
+
+def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | None = None) -> Attached:
+    """Make `stream` (engines.stream.Stream) run `loaded`'s engines: its UNet call and its autoencoder
+    become TrtUNet and TrtAutoencoder around the torch ones, and the engine takes the LoRA weights in use.
+    Between frames, on the render thread (it clears the stream's CUDA graphs); `detach` undoes it, and so
+    does a failure here."""
+    from .export import UNET, VAE_DECODER, VAE_ENCODER
+
+    engines = loaded.engines
+    refit = LoraRefit(engines[UNET], loaded.refit_map, loaded.onnx_path) if loaded.refit_map else None
     torch_autoencoder = stream.model.autoencoder
     if isinstance(torch_autoencoder, TrtAutoencoder):
         torch_autoencoder = torch_autoencoder.fallback
-    unet = TrtUNet(unet_engine, stream.model.unet, refit, on_missing)
+    unet = TrtUNet(engines[UNET], stream.model.unet, refit, on_missing)
     autoencoder = TrtAutoencoder(engines.get(VAE_ENCODER), engines.get(VAE_DECODER), torch_autoencoder, on_missing)
     stream.set_modules(unet=unet, autoencoder=autoencoder)
-    if stream.loras is not None:
-        unet.weights_changed()
+    try:
+        if stream.loras is not None:
+            unet.weights_changed()
+    except Exception:
+        detach(stream)
+        raise
     log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
-             ", ".join(engines), memory.size / 2**20)
-    return Attached(unet, autoencoder, memory, list(records))
+             ", ".join(engines), loaded.memory.size / 2**20)
+    return Attached(unet, autoencoder, loaded)
 
 
 def detach(stream: Any) -> None:

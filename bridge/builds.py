@@ -9,9 +9,15 @@ Which backend serves, and why, is decided here once per model (`EngineService.se
   out-of-memory in TensorRT's builder cannot take the show down with it; its log goes to build.log in the
   engine folder), then swaps the engines in at a frame boundary when it succeeds; backend tensorrt waits
   for that build before serving its first frame.
+While engines serve, what they cannot do (a new resolution, a longer prompt, a LoRA on layers the UNet
+engine cannot refit, a /vae switch) runs on torch, and the same background build makes engines for the
+current state, once per cause. The child says which engines the state needs in a manifest; those are
+the ones loaded (off the render thread) and swapped in.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -35,9 +41,16 @@ def engine_dir(settings: Settings) -> Path:
     return Path(settings.engine_dir) if settings.engine_dir else default_engine_dir()
 
 
-def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *, tensorrt: str | None = None) -> list:
+def engine_cache(settings: Settings) -> Any:
+    from engines.backends.tensorrt.cache import EngineCache
+    return EngineCache(engine_dir(settings))
+
+
+def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *, tensorrt: str | None = None,
+                   autoencoder: Any = None) -> list:
     """The engines (engines.backends.tensorrt.build.Target) a stream needs for these settings and
-    parameter values: the UNet per resolution and UNet batch, the autoencoder per resolution."""
+    parameter values: the UNet per resolution and UNet batch, the autoencoder per resolution (that of
+    the stream's model, or `autoencoder`: one a /vae switch is about to put in)."""
     from engines.backends.tensorrt import build, runtime
     from engines.stream import unet_batches
 
@@ -47,18 +60,23 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
     current = stream_settings(Snapshot(0, dict(values)))
     resolutions = [config.parse_resolution(r) for r in settings.engine_resolutions] or [(current.width, current.height)]
     lora_targets = runtime.lora_targets(stream.model.unet) if stream.loras is not None and stream.loras.loaded else ()
-    source = Path(stream.model.source)
-    stat = source.stat() if stream.model.source and source.exists() else None
-    return build.targets(stream.model, resolutions=resolutions,
+    model = stream.model
+    if autoencoder is not None:
+        model = dataclasses.replace(model, autoencoder=getattr(autoencoder, "fallback", autoencoder))
+    elif isinstance(model.autoencoder, runtime.TrtAutoencoder):
+        model = dataclasses.replace(model, autoencoder=model.autoencoder.fallback)
+    source = Path(model.source)
+    stat = source.stat() if model.source and source.exists() else None
+    return build.targets(model, resolutions=resolutions,
                          unet_batches=unet_batches(current, settings.stream_batch),
                          precision=str(stream.dtype).replace("torch.", ""), device=stream.device,
-                         dynamic=settings.engine_dynamic, lora_targets=lora_targets,
+                         tokens=(stream.prompts.max_length, stream.prompt_tokens), dynamic=settings.engine_dynamic, lora_targets=lora_targets,
                          source_stat=[stat.st_size, stat.st_mtime_ns] if stat else [], tensorrt=tensorrt)
 
 
 # ---------------------------------------------------------------------------------------- sdbridge build
 def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool = False,
-              background: bool = False) -> int:
+              background: bool = False, manifest: str | None = None) -> int:
     """`sdbridge build`: load the configured model, then export, clean and build every engine it needs
     that is not cached. Returns the exit status. `background`: beside a running show (lower priority, a
     smaller TensorRT workspace)."""
@@ -67,7 +85,6 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
     from engines import registry
     from engines.backends import tensorrt
     from engines.backends.tensorrt import build
-    from engines.backends.tensorrt.cache import EngineCache
     from engines.folders import ModelFolders
     from engines.stream import Stream
 
@@ -96,13 +113,15 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
     if stream.loras is not None:  # the export must see the plain UNet
         for name in stream.loras.loaded:
             stream.loras.unload(name)
-    cache = EngineCache(engine_dir(settings))
+    cache = engine_cache(settings)
     log.info("building %s for %s in %s", "ONNX graphs" if onnx_only else "TensorRT engines", model.name, cache.root)
     started = time.perf_counter()
     made = build.build(targets, cache, onnx_only=onnx_only, device=device,
                        workspace_fraction=build.BACKGROUND_WORKSPACE_FRACTION if background else build.WORKSPACE_FRACTION)
     for path in made:
         log.info("ready: %s", path)
+    if manifest and not onnx_only:  # for the daemon that asked: exactly which engines to load
+        Path(manifest).write_text(json.dumps([str(cache.record_path(t.key)) for t in targets]))
     print(f"sdbridge build: {len(made)} {'ONNX graphs' if onnx_only else 'engines'} ready in {cache.root} "
           f"({time.perf_counter() - started:.1f} s)", flush=True)
     return 0
@@ -128,7 +147,8 @@ class EngineService:
         self.build_process: subprocess.Popen | None = None
         self.attached: Any = None  # engines.backends.tensorrt.runtime.Attached, while engines serve
         self._lock = threading.Lock()
-        self._wanted: tuple[Any, Any, list] | None = None  # the newest (stream, cache, targets) to build for
+        self._wanted: tuple[Any, Any] | None = None  # the newest (stream, cache) to build for
+        self._asked: set[str] = set()  # what already asked for a build (never twice: no build loops)
         self._builder: threading.Thread | None = None
         self._stopping = False
         self.wanted = False
@@ -163,65 +183,98 @@ class EngineService:
         if not self.wanted:
             log.info("backend: %s", self.describe())
             return False
-        from engines.backends.tensorrt import runtime
-        from engines.backends.tensorrt.cache import EngineCache
-
-        cache = EngineCache(engine_dir(self.settings))
+        cache = engine_cache(self.settings)
         targets = engine_targets(self.settings, stream, self._values())
         missing = [t for t in targets if not cache.has_engine(t.key)]
         if not missing:
-            return self._attach(stream, lambda: runtime.load(cache, [cache.record(t.key) for t in targets],
-                                                            stream.device), f"engines found in {cache.root}")
+            return self._attach(stream, self._load(stream, cache, [cache.record_path(t.key) for t in targets]),
+                                f"engines found in {cache.root}")
         labels = ", ".join(t.label for t in missing)
         if self.settings.backend == TENSORRT:
             log.info("building TensorRT engines before serving: %s", labels)
-            if self._build(cache, background=False) != 0:
+            built = self._build(cache, background=False)
+            if built is None:
                 from engines.bundle import ModelError
                 raise ModelError(f"the TensorRT engine build failed; see {cache.root / 'build.log'}")
-            return self._attach(stream, lambda: runtime.load(cache, [cache.record(t.key) for t in targets],
-                                                            stream.device), "engines built at start")
+            return self._attach(stream, self._load(stream, cache, built), "engines built at start")
         if not self.build_in_background:
             self.reason = f"no engines built for this configuration ({labels}; sdbridge build makes them)"
             log.info("backend: %s", self.describe())
             return False
         self.reason = f"building TensorRT engines in the background ({labels}); torch serves meanwhile"
         log.info("backend: %s", self.describe())
+        self._queue_build(stream, cache)
+        return False
+
+    def autoencoder_for(self, stream: Any, autoencoder: Any) -> Any:
+        """A /vae switch while engines serve (on the worker that loaded `autoencoder`): the autoencoder
+        on its engines if they are built, else the torch one while they build in the background (the
+        build then swaps the stream's engines in again, this autoencoder's included)."""
+        if self.attached is None or self.attached.unet.fallback is not stream.model.unet:
+            return autoencoder
+        from engines.backends.tensorrt import export, runtime
+
+        cache = engine_cache(self.settings)
+        targets = engine_targets(self.settings, stream, self._values(), autoencoder=autoencoder)
+        parts = [t for t in targets if t.key.component in (export.VAE_ENCODER, export.VAE_DECODER)]
+        if all(cache.has_engine(t.key) for t in parts):
+            try:
+                loaded = runtime.load(cache, [cache.record(t.key) for t in parts], stream.device)
+                return runtime.autoencoder(loaded, autoencoder, on_missing=self._on_missing)
+            except Exception as e:
+                log.error("the autoencoder's TensorRT engines could not be loaded (%s); it runs on torch", e)
+                return autoencoder
+        if self.build_in_background:
+            self.reason = (f"engines serve the UNet; the new autoencoder runs on torch while its engines build "
+                           f"in the background ({', '.join(t.label for t in parts)})")
+            log.info("backend: %s", self.describe())
+            self._queue_build(stream, cache)
+        return autoencoder
+
+    def _on_missing(self, what: str) -> None:
+        """Engines serve, but part of the work runs on torch (a new resolution, a LoRA on layers the engine
+        cannot refit, a longer prompt): build what covers the current state, once per cause."""
+        self.reason = f"engines serve; {what} runs on torch"
+        attached = self.attached
+        if attached is None or not self.build_in_background or what in self._asked:
+            log.info("backend: %s", self.describe())
+            return
+        self._asked.add(what)
+        self.reason += "; building engines for it in the background"
+        log.info("backend: %s", self.describe())
+        self._queue_build(attached.stream, engine_cache(self.settings))
+
+    def _queue_build(self, stream: Any, cache: Any) -> None:
+        """Build, in the background, the engines the current state needs; only the newest request waits."""
         with self._lock:
-            self._wanted = (stream, cache, targets)
+            self._wanted = (stream, cache)
             if self._builder is None:
                 self._builder = threading.Thread(target=self._build_then_attach, daemon=True,
                                                  name="sdbridge-engine-build")
                 self._builder.start()
-        return False
 
     def _build_then_attach(self) -> None:
-        from engines.backends.tensorrt import runtime
-
         while True:
             with self._lock:
                 wanted, self._wanted = self._wanted, None
                 if wanted is None or self._stopping:
                     self._builder = None
                     return
-            stream, cache, targets = wanted
-            status = 0 if all(cache.has_engine(t.key) for t in targets) else self._build(cache, background=True)
+            stream, cache = wanted
+            built = self._build(cache, background=True)
             with self._lock:
                 superseded = self._wanted is not None
             if superseded or self._stopping:
-                continue  # another model was asked for meanwhile: that one now
-            if status != 0:
-                self.reason = (f"the TensorRT engine build failed (exit {status}; see {cache.root / 'build.log'}); "
-                               "torch serves")
+                continue  # another model or state was asked for meanwhile: that one now
+            if built is None:
+                self.reason = f"the TensorRT engine build failed (see {cache.root / 'build.log'}); " + (
+                    "torch serves" if self.attached is None else "the engines serve what they cover")
                 log.error("backend: %s", self.describe())
                 continue
-            if not all(cache.has_engine(t.key) for t in targets):
-                self.reason = "the build made engines for other settings (they changed meanwhile); torch serves"
-                log.warning("backend: %s", self.describe())
-                continue
             try:  # the slow part here, off the render thread; only the swap waits for a frame boundary
-                loaded = runtime.load(cache, [cache.record(t.key) for t in targets], stream.device)
+                loaded = self._load(stream, cache, built)()
             except Exception as e:
-                self.reason = f"the TensorRT engines could not be loaded ({e}); torch serves"
+                self.reason = f"the TensorRT engines could not be loaded ({e})"
                 log.error("backend: %s", self.describe())
                 continue
 
@@ -231,46 +284,54 @@ class EngineService:
                                  "engines built in the background, swapped in at a frame boundary")
             self._between_frames(swap)
 
+    @staticmethod
+    def _load(stream: Any, cache: Any, record_paths: list) -> Callable[[], Any]:
+        from engines.backends.tensorrt import runtime
+        from engines.backends.tensorrt.cache import EngineRecord
+
+        def load() -> Any:
+            records = [EngineRecord.from_json(json.loads(Path(p).read_text())) for p in record_paths]
+            return runtime.load(cache, records, stream.device)
+        return load
+
     def _attach(self, stream: Any, load: Callable[[], Any], why: str) -> bool:
         from engines.backends.tensorrt import runtime
 
         try:
-            self.attached = runtime.attach(stream, load(), on_missing=self._on_missing)
+            attached = runtime.attach(stream, load(), on_missing=self._on_missing)
         except Exception as e:  # a corrupt or incompatible engine must not stop the show
+            self.attached = None
             self.backend, self.reason = TORCH, f"the TensorRT engines could not be loaded ({e}); torch serves"
             log.error("backend: %s", self.describe())
             return False
+        self.attached = attached
         self.backend, self.reason = TENSORRT, why
         log.info("backend: %s", self.describe())
         return True
 
-    def _on_missing(self, what: str) -> None:
-        self.reason = f"engines serve; {what} runs on torch (sdbridge build makes an engine for it)"
-
-    def _build(self, cache: Any, *, background: bool) -> int:
-        """Run `sdbridge build` for these settings as a child process; its output goes to build.log."""
+    def _build(self, cache: Any, *, background: bool) -> list[str] | None:
+        """Run `sdbridge build` for the current settings and state as a child process (its output goes to
+        build.log); returns the record files of the engines it made or found, None if it failed."""
         cache.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-            f.write(config.to_toml(self.settings, self._values()))
-            config_path = f.name
-        log_path = cache.root / "build.log"
-        started = time.monotonic()
-        command = [sys.executable, "-m", "bridge.cli", "build", "--config", config_path]
-        if background:
-            command.append("--background")
-        try:
+        with tempfile.TemporaryDirectory(prefix="sdbridge-build-") as folder:
+            config_path, manifest = Path(folder) / "config.toml", Path(folder) / "engines.json"
+            config_path.write_text(config.to_toml(self.settings, self._values()))
+            command = [sys.executable, "-m", "bridge.cli", "build", "--config", str(config_path),
+                       "--manifest", str(manifest)] + (["--background"] if background else [])
+            log_path = cache.root / "build.log"
+            started = time.monotonic()
             with open(log_path, "ab") as log_file:
                 log.info("engine build: %s (log: %s)", " ".join(command), log_path)
                 with self._lock:
                     if self._stopping:
-                        return 1
+                        return None
                     self.build_process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                           stdin=subprocess.DEVNULL)
                 status = self.build_process.wait()
-        finally:
-            os.unlink(config_path)
-        log.info("engine build finished in %.0f s with status %d", time.monotonic() - started, status)
-        return status
+            log.info("engine build finished in %.0f s with status %d", time.monotonic() - started, status)
+            if status != 0 or not manifest.is_file():
+                return None
+            return json.loads(manifest.read_text())
 
     def stop(self) -> None:
         """Stop a running build (the daemon is stopping); its finished stages stay cached."""

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--background", action="store_true",
                        help="build beside a running show (what serve's background builds use): lower process "
                        "priority and a smaller TensorRT workspace, so the show keeps its GPU memory and CPU")
+    build.add_argument("--manifest", metavar="FILE", help="write the record files of the engines the configuration "
+                       "needs (built or found) to FILE as a JSON list (what serve's background builds read)")
     _add_flags(build)
     doctor = sub.add_parser("doctor", help="say what this machine can run and which built engines are stale",
                             description="Report Python, torch, CUDA, the GPU, TensorRT and the ONNX tools, which "
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(settings, initial, args, argv)
         if args.command == "build":
-            return _build(settings, initial, args.onnx_only, args.background)
+            return _build(settings, initial, args)
         if args.command == "doctor":
             from .builds import doctor
             print(doctor(settings))
@@ -287,13 +289,14 @@ def _bench(settings: config.Settings, initial: dict[str, Any], args: argparse.Na
     return 0
 
 
-def _build(settings: config.Settings, initial: dict[str, Any], onnx_only: bool, background: bool) -> int:
+def _build(settings: config.Settings, initial: dict[str, Any], args: argparse.Namespace) -> int:
     from engines.backends.tensorrt import TensorRTUnavailable
     from engines.backends.tensorrt.build import EngineBuildError
 
     from .builds import run_build
     try:
-        return run_build(settings, initial, onnx_only=onnx_only, background=background)
+        return run_build(settings, initial, onnx_only=args.onnx_only, background=args.background,
+                         manifest=args.manifest)
     except (TensorRTUnavailable, EngineBuildError) as e:
         print(f"sdbridge build: {e}", file=sys.stderr)
         return 2

@@ -199,7 +199,7 @@ class Daemon:
         autoencoder = registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
                                                 allow_pickle=self.settings.allow_pickle)
         torch_backend.prepare_module(autoencoder.module, self.fast_path)
-        return autoencoder
+        return self.engines.autoencoder_for(stream, autoencoder)  # on its TensorRT engines where they serve
 
     def apply(self, changes: Mapping[str, Any]) -> int:
         """Apply a change set from the network: names are checked against the models folders first,

@@ -249,6 +249,11 @@ class Stream:
         self.unet: Callable[..., Any] = model.unet
 
     @property
+    def prompt_tokens(self) -> int:
+        """The length in tokens of the prompt embeddings the current plan conditions on (77 per chunk)."""
+        return int(self._plan.look.positive.embeddings.shape[1]) if self._plan else self.prompts.max_length
+
+    @property
     def settings(self) -> StreamSettings | None:
         return self._plan.settings if self._plan else None
 

@@ -286,6 +286,19 @@ def test_refit_weights_put_into_the_graph_give_the_unet_with_its_lora(bundle, lo
     assert np.abs(with_lora - got).max() > 1e-3  # the LoRA changes the output: the check above could fail
 
 
+def test_a_call_takes_the_static_profile_of_its_shape_before_a_dynamic_one():
+    def static(batch, size):
+        shape = (batch, 4, size, size)
+        return {"sample": (shape, shape, shape), "timestep": ((batch,),) * 3}
+    dynamic = {"sample": ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 128, 128)), "timestep": ((1,), (2,), (4,))}
+    profiles = [dynamic, static(1, 64), static(2, 64)]
+    assert runtime.choose_profile(profiles, {"sample": (2, 4, 64, 64), "timestep": (2,)}) == 2
+    assert runtime.choose_profile(profiles, {"sample": (1, 4, 64, 64), "timestep": (1,)}) == 1
+    assert runtime.choose_profile(profiles, {"sample": (3, 4, 96, 48), "timestep": (3,)}) == 0
+    assert runtime.choose_profile(profiles, {"sample": (1, 4, 256, 256), "timestep": (1,)}) is None
+    assert runtime.choose_profile(profiles[1:], {"sample": (1, 4, 96, 96), "timestep": (1,)}) is None
+
+
 # ---------------------------------------------------------------------------------------- the stand-ins
 class OnnxEngine:
     """An engine's contract (`inputs`, `run`) kept by onnxruntime on a cleaned graph: lets the stand-ins

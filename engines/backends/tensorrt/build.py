@@ -72,11 +72,12 @@ def tensorrt_version() -> str:
 
 
 def targets(model: Any, *, resolutions: Sequence[tuple[int, int]], unet_batches: Sequence[int],
-            precision: str, device: torch.device, tokens: int = 77, dynamic: bool = False,
+            precision: str, device: torch.device, tokens: Sequence[int] = (77,), dynamic: bool = False,
             lora_targets: Sequence[str] = (), controlnets: Sequence[torch.nn.Module] = (),
             source_stat: Sequence[int] = (), tensorrt: str | None = None) -> list[Target]:
     """The engines a stream of `model` (an engines.bundle.ModelBundle) needs: the UNet with a static
-    profile per resolution and batch, the autoencoder's encoder and decoder per resolution (batch 1),
+    profile per resolution, batch and prompt length in `tokens` (77 per chunk), the autoencoder's encoder
+    and decoder per resolution (batch 1),
     and each ControlNet like the UNet. `dynamic` adds a profile from 256x256 batch 1 to 1024x1024 at the
     largest batch with up to 4 prompt chunks to each. `tensorrt` is the version the keys are for
     (default: the installed one; "" for the ONNX stages alone)."""
@@ -84,8 +85,9 @@ def targets(model: Any, *, resolutions: Sequence[tuple[int, int]], unet_batches:
     version = tensorrt_version() if tensorrt is None else tensorrt
     factor = model.autoencoder.spatial_factor
     batches = sorted(set(unet_batches)) or [1]
-    unet_profiles = tuple(Profile(b, h, w, tokens) for (w, h) in resolutions for b in batches)
-    image_profiles = tuple(Profile(1, h, w, tokens) for (w, h) in resolutions)
+    lengths = sorted(set(tokens)) or [77]
+    unet_profiles = tuple(Profile(b, h, w, n) for (w, h) in resolutions for b in batches for n in lengths)
+    image_profiles = tuple(Profile(1, h, w) for (w, h) in resolutions)
     span = ((Profile(1, 256, 256, 77), Profile(max(batches), 1024, 1024, 4 * 77)) if dynamic else None)
     common = dict(precision=precision, compute_capability=capability, tensorrt=version)
     out = []

@@ -99,6 +99,22 @@ class ActivationMemory:
         return 0 if self.buffer is None else self.buffer.numel()
 
 
+def choose_profile(profiles: Sequence[Mapping[str, Sequence[Sequence[int]]]],
+                   shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The index of the profile that takes these input shapes: one whose (min, opt, max) is exactly
+    them (a static profile, the fastest) before the first whose range holds them; None if none does.
+    `profiles` holds, per profile, each input's (min, opt, max) as TensorRT reports them."""
+    exact = inside = None
+    for index, profile in enumerate(profiles):
+        ranges = [(tuple(profile[name][0]), tuple(profile[name][2]), shape) for name, shape in shapes.items()]
+        if exact is None and all(low == shape == high for low, high, shape in ranges):
+            exact = index
+        if inside is None and all(len(shape) == len(low) and all(lo <= s <= hi for lo, s, hi in zip(low, shape, high))
+                                  for low, high, shape in ranges):
+            inside = index
+    return exact if exact is not None else inside
+
+
 @dataclass
 class _Binding:
     context: Any
@@ -136,20 +152,6 @@ class Engine:
         self._bindings: dict[tuple, _Binding] = {}
         self._stream = torch.cuda.Stream(memory.device)
 
-    def profile_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-        """The first profile that takes these input shapes exactly (static) or within its range."""
-        exact = inside = None
-        for index, profile in enumerate(self.profiles):
-            if exact is None and all(tuple(profile[n][0]) == tuple(shapes[n]) == tuple(profile[n][2])
-                                     for n in self.inputs):
-                exact = index
-            fits = all(len(shapes[n]) == len(profile[n][0])
-                       and all(lo <= s <= hi for lo, s, hi in zip(profile[n][0], shapes[n], profile[n][2]))
-                       for n in self.inputs)
-            if fits and inside is None:
-                inside = index
-        return exact if exact is not None else inside
-
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Run after the work already on torch's current CUDA stream (and before what comes next on it);
         None if no profile takes these shapes."""
@@ -157,7 +159,7 @@ class Engine:
         key = tuple(shapes[n] for n in self.inputs)
         binding = self._bindings.get(key)
         if binding is None:
-            index = self.profile_for(shapes)
+            index = choose_profile(self.profiles, shapes)
             if index is None:
                 return None
             binding = self._bindings[key] = self._bind(index, shapes)
@@ -437,17 +439,18 @@ def load(cache: EngineCache, records: Sequence[EngineRecord], device: torch.devi
     memory = ActivationMemory(device)
     engines = {record.key.component: Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
                for record in records if record.key.component != CONTROLNET}  # ControlNets: the ControlNet code's
-    unet = engines[UNET].record
+    unet = engines[UNET].record if UNET in engines else None
     refit_map = {}
-    if unet.refittable:
+    if unet is not None and unet.refittable:
         refit_map = {k: tuple(v) for k, v in json.loads(cache.refit_map(unet.key).read_text()).items()}
-    return Loaded(engines, memory, refit_map, cache.cleaned(unet.key), list(records))
+    return Loaded(engines, memory, refit_map, cache.cleaned(unet.key) if unet is not None else None, list(records))
 
 
 @dataclass
 class Attached:
     """What `attach` put into a stream."""
 
+    stream: Any
     unet: TrtUNet
     autoencoder: TrtAutoencoder
     loaded: Loaded
@@ -476,7 +479,17 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
         raise
     log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
              ", ".join(engines), loaded.memory.size / 2**20)
-    return Attached(unet, autoencoder, loaded)
+    return Attached(stream, unet, autoencoder, loaded)
+
+
+def autoencoder(loaded: Loaded, fallback: Any, *, on_missing: Callable[[str], None] | None = None
+                ) -> TrtAutoencoder:
+    """A TrtAutoencoder on `loaded`'s encoder and decoder engines around the torch `fallback` (a /vae
+    switch to an autoencoder whose engines are built)."""
+    from .export import VAE_DECODER, VAE_ENCODER
+    if isinstance(fallback, TrtAutoencoder):
+        fallback = fallback.fallback
+    return TrtAutoencoder(loaded.engines.get(VAE_ENCODER), loaded.engines.get(VAE_DECODER), fallback, on_missing)
 
 
 def detach(stream: Any) -> None:

@@ -378,6 +378,18 @@ def sdbridge(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def test_the_export_progress_bar_counts_modules_without_changing_what_they_compute(bundle, tmp_path):
+    target = build.targets(bundle, resolutions=[(64, 64)], unet_batches=[1], precision="float32", device=CPU,
+                           tensorrt="")[0]
+    progress = build.Progress(show_bars=True)  # as on a terminal
+    path = build.export_stages(target, cache.EngineCache(tmp_path), progress)
+    inputs = target.component.sample_inputs(Profile(1, 64, 64), CPU)
+    with torch.no_grad():
+        expected = target.component.module(*inputs).numpy()
+    np.testing.assert_allclose(run_onnx(path, target.component, inputs)[0], expected, rtol=1e-4, atol=1e-4)
+    assert "export unet to ONNX" in progress.times
+
+
 def test_build_onnx_only_makes_every_stage_and_a_second_run_reuses_them(tmp_path):
     first = sdbridge("build", "--model", "tiny", "--onnx-only", "--engine-dir", str(tmp_path))
     assert first.returncode == 0, first.stderr

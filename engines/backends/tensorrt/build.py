@@ -140,7 +140,10 @@ class Progress:
 @contextlib.contextmanager
 def _counting_modules(module: torch.nn.Module, advance: Callable[[int], None]) -> Iterator[None]:
     """Count the modules that run while tracing: the export's progress."""
-    handles = [m.register_forward_hook(lambda *_: advance(1)) for m in module.modules()]
+    def count(*_: Any) -> None:  # returns None: a forward hook that returns a value replaces the output
+        advance(1)
+
+    handles = [m.register_forward_hook(count) for m in module.modules()]
     try:
         yield
     finally:

@@ -296,6 +296,7 @@ def clean(source: Path, target: Path) -> list[str]:
     if gs is not None:
         from polygraphy.logger import G_LOGGER
         G_LOGGER.module_severity = G_LOGGER.WARNING  # not a line per folding pass
+        _quiet_onnxruntime()  # polygraphy folds constants with it, which warns about every node it keeps
         graph = gs.import_onnx(model)
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
@@ -310,6 +311,14 @@ def clean(source: Path, target: Path) -> list[str]:
         done.append("shapes inferred")
     save(model, target)
     return done
+
+
+def _quiet_onnxruntime() -> None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(3)  # errors only
 
 
 _PROTOBUF_LIMIT = 2_000_000_000  # ONNX files are protobufs, which stop at 2 GB; larger weights go beside them

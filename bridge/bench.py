@@ -720,6 +720,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
             raise BenchError(f"model {settings.model!r} failed to load; see the log above")
         load_s = time.monotonic() - started
         stream = daemon.loop.stream
+        backend = daemon.engines.describe(stream)
         frames = bench_client.pattern_frames(width, height, PATTERN_FRAMES)
 
         # The bare engine runs on the render thread itself, between two of its frames: the thread, torch
@@ -811,7 +812,7 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
         date=date, command=options.command, model=model_name, arch=arch, test_model=test_model,
         autoencoder=autoencoder, device=str(device), device_name=device_name,
         dtype=str(dtype).replace("torch.", ""), fast_path=_fast_path(fast_path, graphs),
-        backend=daemon.engines.describe(),
+        backend=backend,
         width=width, height=height, steps=snap["steps"], mode=mode,
         stream_batch=settings.stream_batch, strength=snap["strength"], guidance_scale=snap["guidance_scale"],
         load_s=load_s, warm_up_s=warm_up_s, load_average_1m=load_average, daemon_errors=daemon.errors, ring=ring, engine=engine, e2e=e2e,

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,10 +49,11 @@ def engine_cache(settings: Settings) -> Any:
 
 
 def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *, tensorrt: str | None = None,
-                   autoencoder: Any = None) -> list:
+                   autoencoder: Any = None, unet: bool = True) -> list:
     """The engines (engines.backends.tensorrt.build.Target) a stream needs for these settings and
     parameter values: the UNet per resolution and UNet batch, the autoencoder per resolution (that of
-    the stream's model, or `autoencoder`: one a /vae switch is about to put in)."""
+    the stream's model, or `autoencoder`: one a /vae switch is about to put in; `unet` False: the
+    autoencoder's alone, which reads nothing the render thread may be changing)."""
     from engines.backends.tensorrt import build, runtime
     from engines.stream import unet_batches
 
@@ -59,7 +62,7 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
 
     current = stream_settings(Snapshot(0, dict(values)))
     resolutions = [config.parse_resolution(r) for r in settings.engine_resolutions] or [(current.width, current.height)]
-    lora_targets = runtime.lora_targets(stream.model.unet) if stream.loras is not None and stream.loras.loaded else ()
+    lora_targets = runtime.lora_targets(stream.model.unet) if unet and stream.loras is not None and stream.loras.loaded else ()
     model = stream.model
     if autoencoder is not None:
         model = dataclasses.replace(model, autoencoder=getattr(autoencoder, "fallback", autoencoder))
@@ -70,8 +73,8 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
     return build.targets(model, resolutions=resolutions,
                          unet_batches=unet_batches(current, settings.stream_batch),
                          precision=str(stream.dtype).replace("torch.", ""), device=stream.device,
-                         tokens=(stream.prompts.max_length, stream.prompt_tokens), dynamic=settings.engine_dynamic, lora_targets=lora_targets,
-                         source_stat=[stat.st_size, stat.st_mtime_ns] if stat else [], tensorrt=tensorrt)
+                         tokens=(stream.prompts.max_length, stream.prompt_tokens if unet else 0), dynamic=settings.engine_dynamic, lora_targets=lora_targets,
+                         source_stat=[stat.st_size, stat.st_mtime_ns] if stat else [], tensorrt=tensorrt, unet=unet)
 
 
 # ---------------------------------------------------------------------------------------- sdbridge build
@@ -128,219 +131,328 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
 
 
 # ---------------------------------------------------------------------------------------- serving
+@dataclass
+class _Serving:
+    """What the engines do for one stream."""
+
+    backend: str = TORCH
+    reason: str = ""
+    attached: Any = None  # engines.backends.tensorrt.runtime.Attached
+    asked: set[str] = field(default_factory=set)  # what asked for a build since the last attach (never twice)
+
+
 class EngineService:
     """Which backend serves a daemon's stream, and the TensorRT engines' life: found, built, attached.
 
-    One background build runs at a time. A model switched while one runs is remembered, and the build
-    thread goes on with it when the running build ends: only the newest stream gets engines."""
+    State is kept per stream: a model switch loads a new stream on a worker while the old one serves, and
+    the loop says which one serves (`activate`, on the render thread). One build runs at a time, for the
+    newest request; a request for another stream stops a running build (its finished stages stay cached).
+    Engines are swapped in only on the render thread, between frames, into the stream they were built for,
+    and `runtime.attach` uses only engines built from that stream's very weights."""
 
-    def __init__(self, settings: Settings, initial_values: Callable[[], Mapping[str, Any]],
-                 between_frames: Callable[[Callable[[Any], Any]], None], device: Any):
+    def __init__(self, settings: Settings, values: Callable[[], Mapping[str, Any]],
+                 between_frames: Callable[[Callable[[Any], Any]], Any], device: Any):
         from engines.backends import tensorrt
 
         self.settings = settings
-        self._values = initial_values
+        self._values = values  # the parameter state now
         self._between_frames = between_frames
-        self.backend = TORCH
-        self.reason = ""
         self.build_in_background = True  # False: missing engines are reported, not built (benchmarks)
-        self.build_process: subprocess.Popen | None = None
-        self.attached: Any = None  # engines.backends.tensorrt.runtime.Attached, while engines serve
+        self._streams: weakref.WeakKeyDictionary[Any, _Serving] = weakref.WeakKeyDictionary()
+        self._current: Callable[[], Any] = lambda: None  # weak reference to the stream that serves
         self._lock = threading.Lock()
-        self._wanted: tuple[Any, Any] | None = None  # the newest (stream, cache) to build for
-        self._asked: set[str] = set()  # what already asked for a build (never twice: no build loops)
+        self._wanted: tuple[Callable[[], Any], list | None] | None = None  # (stream ref, targets or None)
+        self._building_for: Callable[[], Any] = lambda: None
         self._builder: threading.Thread | None = None
+        self._build_lock = threading.Lock()  # one child build at a time
+        self._processes: set[subprocess.Popen] = set()
         self._stopping = False
         self.wanted = False
         if settings.backend == TORCH:
-            self.reason = "backend = torch"
+            self._reason = "backend = torch"
             return
         problem = tensorrt.unusable_reason(device)
         if problem is not None:
             if settings.backend == TENSORRT:
                 from engines.bundle import ModelError
                 raise ModelError(f"backend = tensorrt: {problem}")
-            self.reason = f"TensorRT cannot serve here: {problem}"
+            self._reason = f"TensorRT cannot serve here: {problem}"
             return
         self.wanted = True
-        self.reason = "starting"
+        self._reason = "no model loaded yet"
 
-    def describe(self) -> str:
-        return f"{self.backend} ({self.reason})"
+    # ------------------------------------------------------------------ what serves
+    def _state(self, stream: Any) -> _Serving:
+        state = self._streams.get(stream)
+        if state is None:
+            state = self._streams[stream] = _Serving(reason=self._reason)
+        return state
+
+    def describe(self, stream: Any = None) -> str:
+        """What serves the stream (default: the one serving now) and why, for the log and /sdbridge/backend."""
+        stream = stream if stream is not None else self._current()
+        state = self._streams.get(stream) if stream is not None else None
+        return f"{state.backend} ({state.reason})" if state is not None else f"{TORCH} ({self._reason})"
+
+    @property
+    def attached(self) -> Any:
+        """The current stream's engines (engines.backends.tensorrt.runtime.Attached), or None."""
+        stream = self._current()
+        state = self._streams.get(stream) if stream is not None else None
+        return state.attached if state is not None else None
 
     @property
     def refit_ms(self) -> float:
         """How long the last LoRA weight change took to refit into the UNet engine (0: none yet)."""
-        refit = self.attached.unet.refit if self.attached is not None else None
+        attached = self.attached
+        refit = attached.unet.refit if attached is not None else None
         return refit.last_s * 1000 if refit is not None else 0.0
 
-    def serve(self, stream: Any) -> bool:
-        """After a model is loaded (on the thread that loads it): attach its engines if they are built,
-        else build them (waiting for the build with backend tensorrt, in the background with auto).
-        True if engines serve from now on."""
-        self.attached = None
-        self.backend = TORCH
-        if not self.wanted:
-            log.info("backend: %s", self.describe())
-            return False
-        cache = engine_cache(self.settings)
-        targets = engine_targets(self.settings, stream, self._values())
-        missing = [t for t in targets if not cache.has_engine(t.key)]
-        if not missing:
-            return self._attach(stream, self._load(stream, cache, [cache.record_path(t.key) for t in targets]),
-                                f"engines found in {cache.root}")
-        labels = ", ".join(t.label for t in missing)
-        if self.settings.backend == TENSORRT:
-            log.info("building TensorRT engines before serving: %s", labels)
-            built = self._build(cache, background=False)
-            if built is None:
-                from engines.bundle import ModelError
-                raise ModelError(f"the TensorRT engine build failed; see {cache.root / 'build.log'}")
-            return self._attach(stream, self._load(stream, cache, built), "engines built at start")
-        if not self.build_in_background:
-            self.reason = f"no engines built for this configuration ({labels}; sdbridge build makes them)"
-            log.info("backend: %s", self.describe())
-            return False
-        self.reason = f"building TensorRT engines in the background ({labels}); torch serves meanwhile"
+    def activate(self, stream: Any) -> None:
+        """`stream` serves from now on (the render thread says so): builds for any other stream stop."""
+        with self._lock:
+            self._current = weakref.ref(stream)
+            wanted = self._wanted[0]() if self._wanted is not None else None
+            if wanted is not None and wanted is not stream:
+                self._wanted = None
+            building = self._building_for()
+        if building is not None and building is not stream:
+            self._terminate_builds()
         log.info("backend: %s", self.describe())
-        self._queue_build(stream, cache)
+
+    # ------------------------------------------------------------------ a model is loaded
+    def serve(self, stream: Any) -> bool:
+        """After a model is loaded, before it serves (on the thread that loads it): attach its engines if
+        they are built, else build them (before serving with backend tensorrt, in the background with
+        auto). True if engines serve it."""
+        state = self._state(stream)
+        if not self.wanted:
+            return False
+        try:
+            cache = engine_cache(self.settings)
+            targets = engine_targets(self.settings, stream, self._values())
+            missing = [t for t in targets if not cache.has_engine(t.key)]
+            if not missing:
+                return self._attach(stream, self._loader(stream.device, cache, [cache.record_path(t.key) for t in targets]),
+                                    f"engines found in {cache.root}")
+            labels = ", ".join(t.label for t in missing)
+            if self.settings.backend == TENSORRT:
+                log.info("building TensorRT engines before serving: %s", labels)
+                built = self._build(cache, stream, background=self._current() is not None)
+                if built is None:
+                    from engines.bundle import ModelError
+                    raise ModelError(f"the TensorRT engine build failed; see {cache.root / 'build.log'}")
+                return self._attach(stream, self._loader(stream.device, cache, built), "engines built at start")
+        except Exception as e:
+            from engines.bundle import ModelError
+            if isinstance(e, ModelError):
+                raise
+            state.reason = f"the TensorRT engines could not be prepared ({type(e).__name__}: {e}); torch serves"
+            log.exception("TensorRT engines could not be prepared")
+            return False
+        if not self.build_in_background:
+            state.reason = f"no engines built for this configuration ({labels}; sdbridge build makes them)"
+            return False
+        state.reason = f"building TensorRT engines in the background ({labels}); torch serves meanwhile"
+        self._queue_build(stream, targets)
         return False
 
     def autoencoder_for(self, stream: Any, autoencoder: Any) -> Any:
-        """A /vae switch while engines serve (on the worker that loaded `autoencoder`): the autoencoder
-        on its engines if they are built, else the torch one while they build in the background (the
-        build then swaps the stream's engines in again, this autoencoder's included)."""
-        if self.attached is None or self.attached.unet.fallback is not stream.model.unet:
+        """A /vae switch (on the worker that loaded `autoencoder`): the autoencoder on its engines if they
+        are built, else the torch one while they build in the background."""
+        if not self.wanted or self._current() is not stream:
             return autoencoder
-        from engines.backends.tensorrt import export, runtime
+        state = self._state(stream)
+        from engines.backends.tensorrt import runtime
 
         cache = engine_cache(self.settings)
-        targets = engine_targets(self.settings, stream, self._values(), autoencoder=autoencoder)
-        parts = [t for t in targets if t.key.component in (export.VAE_ENCODER, export.VAE_DECODER)]
-        if all(cache.has_engine(t.key) for t in parts):
-            try:
+        try:
+            parts = engine_targets(self.settings, stream, self._values(), autoencoder=autoencoder, unet=False)
+            if all(cache.has_engine(t.key) for t in parts):
                 loaded = runtime.load(cache, [cache.record(t.key) for t in parts], stream.device)
-                return runtime.autoencoder(loaded, autoencoder, on_missing=self._on_missing)
-            except Exception as e:
-                log.error("the autoencoder's TensorRT engines could not be loaded (%s); it runs on torch", e)
-                return autoencoder
+                return runtime.autoencoder(loaded, autoencoder, on_missing=self._missing_for(stream))
+        except Exception as e:
+            log.error("the autoencoder's TensorRT engines could not be used (%s); it runs on torch", e)
+            return autoencoder
         if self.build_in_background:
-            self.reason = (f"engines serve the UNet; the new autoencoder runs on torch while its engines build "
-                           f"in the background ({', '.join(t.label for t in parts)})")
-            log.info("backend: %s", self.describe())
-            self._queue_build(stream, cache)
+            state.reason = (f"the new autoencoder runs on torch while its engines build in the background "
+                            f"({', '.join(t.label for t in parts)})")
+            self._queue_build(stream, None)  # the targets, once the new autoencoder serves
         return autoencoder
 
-    def _on_missing(self, what: str) -> None:
-        """Engines serve, but part of the work runs on torch (a new resolution, a LoRA on layers the engine
-        cannot refit, a longer prompt): build what covers the current state, once per cause."""
-        self.reason = f"engines serve; {what} runs on torch"
-        attached = self.attached
-        if attached is None or not self.build_in_background or what in self._asked:
-            log.info("backend: %s", self.describe())
+    def _missing_for(self, stream: Any) -> Callable[[str], None]:
+        ref = weakref.ref(stream)
+
+        def on_missing(what: str) -> None:
+            current = ref()
+            if current is not None:
+                self._on_missing(current, what)
+        return on_missing
+
+    def _on_missing(self, stream: Any, what: str) -> None:
+        """Engines serve, but part of the work runs on torch (a new resolution, a longer prompt, a LoRA on
+        layers the engine cannot refit, a failed engine): build what covers the current state, once per
+        cause until engines are attached again. Called on the render thread."""
+        state = self._state(stream)
+        state.reason = f"engines serve; {what} runs on torch"
+        if not self.build_in_background or what in state.asked or self._current() is not stream:
             return
-        self._asked.add(what)
-        self.reason += "; building engines for it in the background"
-        log.info("backend: %s", self.describe())
-        self._queue_build(attached.stream, engine_cache(self.settings))
+        state.asked.add(what)
+        state.reason += "; building engines for it in the background"
+        log.info("backend: %s", state.reason)
+        self._queue_build(stream, None)
 
-    def _queue_build(self, stream: Any, cache: Any) -> None:
-        """Build, in the background, the engines the current state needs; only the newest request waits."""
+    # ------------------------------------------------------------------ background builds
+    def _queue_build(self, stream: Any, targets: list | None) -> None:
+        """Build in the background what the state needs; only the newest request waits. `targets`: what
+        serve computed; None: computed on the render thread when the build starts."""
         with self._lock:
-            self._wanted = (stream, cache)
+            if self._stopping:
+                return
+            self._wanted = (weakref.ref(stream), targets)
+            building = self._building_for()
             if self._builder is None:
-                self._builder = threading.Thread(target=self._build_then_attach, daemon=True,
-                                                 name="sdbridge-engine-build")
+                self._builder = threading.Thread(target=self._builds, daemon=True, name="sdbridge-engine-build")
                 self._builder.start()
+        if building is not None and building is not stream:
+            self._terminate_builds()  # a build for a stream nobody wants any more
 
-    def _build_then_attach(self) -> None:
+    def _builds(self) -> None:
+        """The build thread: one request after the other until none waits."""
         while True:
             with self._lock:
                 wanted, self._wanted = self._wanted, None
                 if wanted is None or self._stopping:
                     self._builder = None
                     return
-            stream, cache = wanted
-            built = self._build(cache, background=True)
-            with self._lock:
-                superseded = self._wanted is not None
-            if superseded or self._stopping:
-                continue  # another model or state was asked for meanwhile: that one now
-            if built is None:
-                self.reason = f"the TensorRT engine build failed (see {cache.root / 'build.log'}); " + (
-                    "torch serves" if self.attached is None else "the engines serve what they cover")
-                log.error("backend: %s", self.describe())
-                continue
-            try:  # the slow part here, off the render thread; only the swap waits for a frame boundary
-                loaded = self._load(stream, cache, built)()
-            except Exception as e:
-                self.reason = f"the TensorRT engines could not be loaded ({e})"
-                log.error("backend: %s", self.describe())
-                continue
+            try:
+                self._build_then_attach(*wanted)
+            except Exception:  # the thread must live on for the next request
+                log.exception("background engine build failed")
+            finally:
+                self._building_for = lambda: None
 
-            def swap(current: Any, stream=stream, loaded=loaded) -> None:
-                if current is stream:  # the model was not switched meanwhile
-                    self._attach(current, lambda: loaded,
-                                 "engines built in the background, swapped in at a frame boundary")
-            self._between_frames(swap)
+    def _build_then_attach(self, ref: Callable[[], Any], targets: list | None) -> None:
+        stream = ref()
+        if stream is None:
+            return
+        self._building_for = ref
+        state = self._state(stream)
+        cache = engine_cache(self.settings)
+        if targets is None:  # the stream serves: read its state on the render thread, between frames
+            targets = self._between_frames(
+                lambda current: engine_targets(self.settings, current, self._values()) if current is ref() else None)
+            if targets is None:
+                return
+        if all(cache.has_engine(t.key) for t in targets):
+            records = [str(cache.record_path(t.key)) for t in targets]
+        else:
+            records = self._build(cache, stream, background=True)
+        with self._lock:
+            superseded = self._wanted is not None or self._stopping
+        if superseded:
+            return  # another request came meanwhile: that one now
+        if records is None:
+            state.reason = f"the TensorRT engine build failed (see {cache.root / 'build.log'}); " + (
+                "torch serves" if state.attached is None else "the engines serve what they cover")
+            log.error("backend: %s", state.reason)
+            return
+        attached = state.attached
+        if attached is not None and sorted(r.key.digest() for r in attached.loaded.records) == \
+                sorted(Path(r).stem.split("-", 1)[1] for r in records):
+            return  # the engines that serve are what the state needs: nothing new (and no build loop)
+        device = stream.device
+        stream = None  # only a weak reference while the engines load: a model switched meanwhile can go
+        loaded = self._loader(device, cache, records)()
+
+        def swap(current: Any) -> None:
+            if current is ref():  # the stream still serves
+                self._attach(current, lambda: loaded, "engines built in the background, swapped in at a frame boundary")
+        self._between_frames(swap)
 
     @staticmethod
-    def _load(stream: Any, cache: Any, record_paths: list) -> Callable[[], Any]:
+    def _loader(device: Any, cache: Any, record_paths: list) -> Callable[[], Any]:
         from engines.backends.tensorrt import runtime
         from engines.backends.tensorrt.cache import EngineRecord
 
         def load() -> Any:
             records = [EngineRecord.from_json(json.loads(Path(p).read_text())) for p in record_paths]
-            return runtime.load(cache, records, stream.device)
+            return runtime.load(cache, records, device)
         return load
 
     def _attach(self, stream: Any, load: Callable[[], Any], why: str) -> bool:
         from engines.backends.tensorrt import runtime
 
+        state = self._state(stream)
         try:
-            attached = runtime.attach(stream, load(), on_missing=self._on_missing)
-        except Exception as e:  # a corrupt or incompatible engine must not stop the show
-            self.attached = None
-            self.backend, self.reason = TORCH, f"the TensorRT engines could not be loaded ({e}); torch serves"
-            log.error("backend: %s", self.describe())
+            attached = runtime.attach(stream, load(), on_missing=self._missing_for(stream))
+        except Exception as e:  # a corrupt, incompatible or mismatched engine must not stop the show
+            state.reason = f"the TensorRT engines could not be used ({e}); " + (
+                "torch serves" if state.attached is None else "the engines before serve on")
+            log.error("backend: %s", state.reason)
             return False
-        self.attached = attached
-        self.backend, self.reason = TENSORRT, why
-        log.info("backend: %s", self.describe())
+        state.attached, state.backend, state.reason = attached, TENSORRT, why
+        state.asked.clear()
+        log.info("backend: %s (%s)", TENSORRT, why)
         return True
 
-    def _build(self, cache: Any, *, background: bool) -> list[str] | None:
-        """Run `sdbridge build` for the current settings and state as a child process (its output goes to
-        build.log); returns the record files of the engines it made or found, None if it failed."""
-        cache.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="sdbridge-build-") as folder:
+    def _build(self, cache: Any, stream: Any, *, background: bool) -> list[str] | None:
+        """Run `sdbridge build` as a child process for the stream's model and the current state (its
+        output goes to build.log); the record files of the engines it made or found, None if it failed."""
+        values = dict(self._values())
+        model = getattr(stream.model, "source", "") or values.get("model") or self.settings.model
+        settings = dataclasses.replace(self.settings, model=values.get("model") or model)
+        with self._build_lock, tempfile.TemporaryDirectory(prefix="sdbridge-build-", ignore_cleanup_errors=True) as folder:
             config_path, manifest = Path(folder) / "config.toml", Path(folder) / "engines.json"
-            config_path.write_text(config.to_toml(self.settings, self._values()))
+            config_path.write_text(config.to_toml(settings, values))
             command = [sys.executable, "-m", "bridge.cli", "build", "--config", str(config_path),
                        "--manifest", str(manifest)] + (["--background"] if background else [])
+            cache.root.mkdir(parents=True, exist_ok=True)
             log_path = cache.root / "build.log"
             started = time.monotonic()
+            flags = 0
+            if os.name == "nt" and background:  # os.nice is POSIX's; Windows takes a priority class
+                flags = subprocess.BELOW_NORMAL_PRIORITY_CLASS | subprocess.CREATE_NO_WINDOW
             with open(log_path, "ab") as log_file:
                 log.info("engine build: %s (log: %s)", " ".join(command), log_path)
                 with self._lock:
                     if self._stopping:
                         return None
-                    self.build_process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                          stdin=subprocess.DEVNULL)
-                status = self.build_process.wait()
+                    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, creationflags=flags)
+                    self._processes.add(process)
+                try:
+                    status = process.wait()
+                finally:
+                    with self._lock:
+                        self._processes.discard(process)
             log.info("engine build finished in %.0f s with status %d", time.monotonic() - started, status)
             if status != 0 or not manifest.is_file():
                 return None
             return json.loads(manifest.read_text())
 
+    def _terminate_builds(self) -> None:
+        with self._lock:
+            processes = list(self._processes)
+        for process in processes:
+            if process.poll() is None:
+                log.info("stopping the engine build (pid %d): it is for a model that no longer serves", process.pid)
+                process.terminate()
+
     def stop(self) -> None:
-        """Stop a running build (the daemon is stopping); its finished stages stay cached."""
+        """Stop every running build (the daemon is stopping); their finished stages stay cached."""
         with self._lock:
             self._stopping = True
             self._wanted = None
-            process = self.build_process
-        if process is not None and process.poll() is None:
-            process.terminate()
+            processes = list(self._processes)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 # ---------------------------------------------------------------------------------------- doctor

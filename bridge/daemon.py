@@ -7,6 +7,7 @@ the parts and owns their lifetimes; the parts themselves know nothing of each ot
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -83,7 +84,8 @@ class Daemon:
         self.ring_out = shm.Ring.create(self.name_out, capacity, s.slot_count)
         self.loop = RenderLoop(load_stream=self._load_stream, load_autoencoder=self._load_autoencoder,
                                store=self.store, ring_in=self.ring_in,
-                               ring_out=self.ring_out, output=self.output, report_error=self.report_error)
+                               ring_out=self.ring_out, output=self.output, report_error=self.report_error,
+                               on_serving=self.engines.activate)
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="sdbridge-io", daemon=True)
         self._aio_thread.start()
@@ -177,7 +179,7 @@ class Daemon:
         if self.engines.serve(stream):
             self._warm_up(stream)  # again: the engines' first frames set up their contexts and graphs
         log.info("model %s (%s, %s) ready in %.1f s (%s; %s)", model.name, model.arch, stream.model.autoencoder.name,
-                 time.monotonic() - started, self.engines.describe(), self.fast_path.describe())
+                 time.monotonic() - started, self.engines.describe(stream), self.fast_path.describe())
         return stream
 
     def _warm_up(self, stream: Stream) -> None:
@@ -186,14 +188,18 @@ class Daemon:
         except Exception as e:  # the state may not suit this model yet; the first frame will say why
             log.debug("warm-up frame failed: %s", e)
 
-    def _between_frames(self, work: Any) -> None:
-        """Run work(stream) on the render thread at the next frame boundary (engines swapped in)."""
+    def _between_frames(self, work: Any) -> Any:
+        """Run work(stream) on the render thread at the next frame boundary and return what it returns
+        (engines swapped in); None if the daemon is stopping or the work failed (logged)."""
         if self.loop is None:
-            return
+            return None
         try:
-            self.loop.call_between_frames(work, timeout=600)
-        except RuntimeError as e:  # the daemon is stopping
+            return self.loop.call_between_frames(work, timeout=600)
+        except (RuntimeError, concurrent.futures.CancelledError, TimeoutError) as e:  # stopping, or stuck
             log.debug("not run between frames: %s", e)
+        except Exception:
+            log.exception("work between frames failed")
+        return None
 
     def _load_autoencoder(self, stream: Stream, vae: str) -> Any:
         autoencoder = registry.load_autoencoder(vae, stream.model, self.folders, self.device, self.dtype,
@@ -259,7 +265,10 @@ class Daemon:
     async def _telemetry_task(self) -> None:
         """Telemetry, and the output ring's heartbeat, also while a model loads or the stream is idle."""
         while True:
-            self.send_telemetry()
+            try:
+                self.send_telemetry()
+            except Exception:  # a value that failed to read must not stop the heartbeat
+                log.exception("telemetry failed")
             if self.ring_out is not None:
                 self.ring_out.heartbeat()
             await asyncio.sleep(min(self.settings.telemetry_interval, HEARTBEAT_S))
@@ -277,7 +286,7 @@ class Daemon:
         t.send("model", self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model)
         t.send("backend", self.engines.describe())
         if self.engines.attached is not None:
-            t.send("refit_ms", float(self.engines.refit_ms))
+            t.send("refit_ms", float(self.engines.refit_ms))  # 0 if the engines went meanwhile
         if self.loop is not None:
             stats = self.loop.stats
             t.send("fps", float(stats.fps))

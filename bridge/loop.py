@@ -96,9 +96,10 @@ class RenderLoop:
 
     def __init__(self, *, load_stream: LoadStream, load_autoencoder: LoadAutoencoder, store: StateStore,
                  ring_in: shm.Ring, ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
-                 poll_interval: float = 0.001):
+                 poll_interval: float = 0.001, on_serving: Callable[[Stream], None] | None = None):
         self._load_stream = load_stream
         self._load_autoencoder = load_autoencoder
+        self._on_serving = on_serving or (lambda stream: None)  # told on this thread when a stream starts serving
         self._loads = BackgroundLoad()
         self.serving: tuple[str, str] = ("", "")  # (model, vae) of the stream that serves
         self._failed: tuple[str, str] | None = None  # the last background load that failed
@@ -134,11 +135,9 @@ class RenderLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        with self._calls_lock:
-            for _, call in self._calls:
-                call.cancel()  # its caller gets CancelledError rather than a wait for its whole timeout
-            self._calls.clear()
+        with self._calls_lock:  # under the lock: no call_between_frames can slip in after this
+            self._stop.set()
+        self._cancel_calls()
         self._loads.join(0)  # a load in progress finishes on its own (daemon thread); never wait for it
         if self._thread.ident is None:  # never started (the daemon failed before it got that far)
             return
@@ -154,6 +153,12 @@ class RenderLoop:
         return f"{pending[0]} {pending[1]}" if pending else ""
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._cancel_calls()  # nobody waits for a call this thread will never run
+
+    def _serve(self) -> None:
         snap = self.store.snapshot()
         try:
             self.stream = self._load_stream(snap["model"], snap["vae"])
@@ -164,6 +169,7 @@ class RenderLoop:
             log.exception("model failed to load")
             self.ready.set()
             return
+        self._serving_now(self.stream)
         self.stats.status = READY
         self.ready.set()
         last_error = ""
@@ -185,16 +191,30 @@ class RenderLoop:
         """Run `work(stream)` on the render thread between two frames and return what it returns (or
         raise what it raised). The stream is busy meanwhile: for benchmarks, which time the engine on
         the very thread, torch thread pool and memory arena that serve the frames."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the render thread is not running")
         call: concurrent.futures.Future = concurrent.futures.Future()
         with self._calls_lock:
+            if self._stop.is_set() or not self._thread.is_alive():
+                raise RuntimeError("the render thread is not running")
             self._calls.append((work, call))
         return call.result(timeout)
 
+    def _cancel_calls(self) -> None:
+        with self._calls_lock:
+            for _, call in self._calls:
+                call.cancel()  # its caller gets CancelledError rather than a wait for its whole timeout
+            self._calls.clear()
+
+    def _serving_now(self, stream: Stream) -> None:
+        try:
+            self._on_serving(stream)
+        except Exception:  # whoever listens must not end the stream
+            log.exception("on_serving failed")
+
     def _run_calls(self) -> None:
-        while self._calls:
+        while True:
             with self._calls_lock:
+                if not self._calls:
+                    return
                 work, call = self._calls.popleft()
             if call.set_running_or_notify_cancel():
                 try:
@@ -247,6 +267,7 @@ class RenderLoop:
         if kind == "model":
             self.stream, vae = finished.result  # the old stream's memory goes with its last reference
             self.serving = (name, vae)
+            self._serving_now(self.stream)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.info("now serving model %s", name)

@@ -230,12 +230,21 @@ def test_the_engine_key_changes_with_each_of_its_parts():
 
 
 def test_weights_fingerprint_sees_any_change_of_one_weight(bundle):
-    unet = tiny.build_unet()
-    before = cache.weights_fingerprint(unet)
+    before = cache.weights_fingerprint(tiny.build_unet())
     assert cache.weights_fingerprint(tiny.build_unet()) == before
+    edited = tiny.build_unet()
     with torch.no_grad():
-        unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight[3, 5] += 1e-3
-    assert cache.weights_fingerprint(unet) != before
+        edited.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight[3, 5] += 1e-3
+    assert cache.weights_fingerprint(edited) != before
+
+
+def test_weights_fingerprint_ignores_loaded_loras(bundle, lora_file):
+    from engines.lora import LoraSet
+
+    model = tiny.build_bundle()
+    plain = cache._fingerprint(model.unet)
+    LoraSet(model).load("style", lora_file)  # peft wraps layers: names change, base weights do not
+    assert cache._fingerprint(model.unet) == plain
 
 
 def test_lora_layers_enter_the_key_of_the_unet(bundle):
@@ -447,8 +456,7 @@ def test_a_background_build_that_fails_leaves_torch_serving_and_says_why(tmp_pat
 
     settings = config.Settings(model="tiny", engine_dir=str(tmp_path))
     values = {**{p.name: p.default for p in config.initial_params()}, "width": 64, "height": 64}
-    swaps = []
-    service = EngineService(settings, lambda: values, swaps.append, CPU)
+    service = EngineService(settings, lambda: values, lambda work: None, CPU)
     assert not service.wanted and service.describe().startswith("torch (TensorRT cannot serve here")
     # As on a machine with TensorRT, the engines are missing and auto builds them in a child process;
     # here that child finds no GPU and fails, which is the path under test.
@@ -456,11 +464,13 @@ def test_a_background_build_that_fails_leaves_torch_serving_and_says_why(tmp_pat
     stream = Stream(tiny.build_bundle(), CPU, torch.float32)
     assert service.serve(stream) is False
     builder = service._builder
-    assert "in the background" in service.reason and service.backend == "torch"
+    service.activate(stream)
+    assert "in the background" in service.describe() and service.describe().startswith("torch (")
     builder.join(180)
-    assert not builder.is_alive()
-    assert "build failed" in service.reason and service.backend == "torch" and not swaps
+    assert not builder.is_alive() and service._builder is None
+    assert "build failed" in service.describe() and service.attached is None
     assert "TensorRT needs an NVIDIA GPU" in (tmp_path / "build.log").read_text()
+    assert not list(tmp_path.glob("onnx"))  # the child stopped before any work
 
 
 def test_settings_for_a_child_build_round_trip_through_toml(tmp_path):

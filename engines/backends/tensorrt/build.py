@@ -29,7 +29,8 @@ import torch
 
 from . import export as onnx_export
 from . import load as load_tensorrt
-from .cache import EngineCache, EngineKey, EngineRecord, lora_layers_digest, weights_fingerprint, write_atomically
+from .cache import (EngineCache, EngineKey, EngineRecord, lora_layers_digest, sweep, weights_fingerprint,
+                    write_atomically)
 from .export import Component, Profile
 
 log = logging.getLogger(__name__)
@@ -74,28 +75,30 @@ def tensorrt_version() -> str:
 def targets(model: Any, *, resolutions: Sequence[tuple[int, int]], unet_batches: Sequence[int],
             precision: str, device: torch.device, tokens: Sequence[int] = (77,), dynamic: bool = False,
             lora_targets: Sequence[str] = (), controlnets: Sequence[torch.nn.Module] = (),
-            source_stat: Sequence[int] = (), tensorrt: str | None = None) -> list[Target]:
+            source_stat: Sequence[int] = (), tensorrt: str | None = None, unet: bool = True) -> list[Target]:
     """The engines a stream of `model` (an engines.bundle.ModelBundle) needs: the UNet with a static
     profile per resolution, batch and prompt length in `tokens` (77 per chunk), the autoencoder's encoder
     and decoder per resolution (batch 1),
     and each ControlNet like the UNet. `dynamic` adds a profile from 256x256 batch 1 to 1024x1024 at the
     largest batch with up to 4 prompt chunks to each. `tensorrt` is the version the keys are for
-    (default: the installed one; "" for the ONNX stages alone)."""
+    (default: the installed one; "" for the ONNX stages alone). `unet` False: the autoencoder alone."""
     _, capability = gpu_identity(device)
     version = tensorrt_version() if tensorrt is None else tensorrt
     factor = model.autoencoder.spatial_factor
     batches = sorted(set(unet_batches)) or [1]
-    lengths = sorted(set(tokens)) or [77]
+    lengths = sorted(set(t for t in tokens if t > 0)) or [77]
     unet_profiles = tuple(Profile(b, h, w, n) for (w, h) in resolutions for b in batches for n in lengths)
     image_profiles = tuple(Profile(1, h, w) for (w, h) in resolutions)
     span = ((Profile(1, 256, 256, 77), Profile(max(batches), 1024, 1024, 4 * 77)) if dynamic else None)
     common = dict(precision=precision, compute_capability=capability, tensorrt=version)
     out = []
-    unet = onnx_export.unet_component(model.unet, controlnet_inputs=bool(controlnets), latent_factor=factor)
-    out.append(Target(EngineKey(onnx_export.UNET, weights_fingerprint(model.unet), profiles=unet_profiles,
-                                dynamic=span, lora_layers=lora_layers_digest(lora_targets),
-                                controlnet_inputs=bool(controlnets), **common),
-                      unet, model.unet, model.source or model.name, list(source_stat), tuple(sorted(set(lora_targets)))))
+    if unet:
+        component = onnx_export.unet_component(model.unet, controlnet_inputs=bool(controlnets), latent_factor=factor)
+        out.append(Target(EngineKey(onnx_export.UNET, weights_fingerprint(model.unet), profiles=unet_profiles,
+                                    dynamic=span, lora_layers=lora_layers_digest(lora_targets),
+                                    controlnet_inputs=bool(controlnets), **common),
+                          component, model.unet, model.source or model.name, list(source_stat),
+                          tuple(sorted(set(lora_targets)))))
     autoencoder = model.autoencoder
     ae_precision = "float32" if autoencoder.upcast else precision
     ae_span = (Profile(1, 256, 256), Profile(1, 1024, 1024)) if dynamic else None
@@ -160,6 +163,7 @@ def build(build_targets: Sequence[Target], cache: EngineCache, *, onnx_only: boo
     any work, and EngineBuildError when TensorRT refuses a graph."""
     progress = progress or Progress()
     trt = None if onnx_only else load_tensorrt()
+    sweep(cache.root)
     made = []
     for target in build_targets:
         key = target.key

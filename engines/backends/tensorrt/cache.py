@@ -29,6 +29,9 @@ import hashlib
 import json
 import os
 import sys
+import threading
+import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -103,11 +106,27 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A fingerprint of every weight of `module`: per tensor its name, shape, dtype and two float64 sums
     (plain and position-weighted), computed where the weights are. A full byte hash of a 5 GB SDXL UNet
     would cost seconds at every start; two sums change with any real edit of the weights (a fine-tune,
-    a merged LoRA) and cost milliseconds on a GPU."""
+    a merged LoRA) and cost milliseconds on a GPU. Remembered per module object: sdbridge never edits a
+    loaded model's own weights (LoRAs live in peft's layers beside them), so the render thread can ask
+    again for free."""
+    with _FINGERPRINTS_LOCK:
+        known = _FINGERPRINTS.get(module)
+    if known is None:
+        known = _fingerprint(module)
+        with _FINGERPRINTS_LOCK:
+            _FINGERPRINTS[module] = known
+    return known
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
     parts = []
     with torch.no_grad():
         for name, tensor in base_state_dict(module).items():
@@ -201,6 +220,20 @@ class EngineCache:
             except (OSError, ValueError, KeyError, TypeError):
                 out.append((plan, None))
         return out
+
+
+def sweep(root: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove what a killed build left behind: temporary files and partial folders (builds write each
+    file whole under a temporary name first), once they are older than any build step takes."""
+    import shutil
+
+    cutoff = time.time() - older_than_s
+    for leftover in [*root.glob("*/.*.tmp"), *root.glob("*/*/.*.tmp"), *root.glob("*/*/.*.partial")]:
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        except OSError:
+            pass
 
 
 def write_atomically(path: Path, data: bytes) -> None:

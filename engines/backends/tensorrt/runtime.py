@@ -329,7 +329,7 @@ class TrtUNet:
         if self.refit is not None:
             try:
                 self.refit.apply(self.fallback)
-            except EngineError as e:
+            except Exception as e:  # a half-done refit must not serve
                 self.torch_reason = f"the LoRA refit failed ({e})"
                 log.error("UNet runs on torch: %s", self.torch_reason)
                 self.on_missing(self.torch_reason)
@@ -348,10 +348,18 @@ class TrtUNet:
                 inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
             if self.controlnet_inputs:
                 inputs.update(self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual))
-            out = self.engine.run(inputs)
+            try:
+                out = self.engine.run(inputs)
+            except EngineError as e:  # torch serves from now on; the show goes on
+                self.torch_reason = str(e)
+                log.error("UNet runs on torch: %s", e)
+                self.on_missing(f"the UNet engine failed ({e})")
+                out = None
+            else:
+                if out is None:
+                    self._report(inputs)
             if out is not None:
                 return _UNetOutput(out["latent"].clone())  # the buffer is the engine's: the next call reuses it
-            self._report(inputs)
         return self.fallback(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                              down_block_additional_residuals=down_block_additional_residuals,
                              mid_block_additional_residual=mid_block_additional_residual, **kwargs)
@@ -395,18 +403,32 @@ class TrtAutoencoder:
         return getattr(self.fallback, name)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.encoder.run({"images": image}) if self.encoder is not None else None
+        out = self._run("encoder", {"images": image})
         if out is None:
-            self._report("encoder", image)
             return self.fallback.encode(image)
         return out["latents"].to(image.dtype, copy=True)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        out = self.decoder.run({"latents": latents}) if self.decoder is not None else None
+        out = self._run("decoder", {"latents": latents})
         if out is None:
-            self._report("decoder", latents)
             return self.fallback.decode(latents)
         return out["images"].to(latents.dtype, copy=True)
+
+    def _run(self, part: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        engine = getattr(self, part)
+        if engine is None:
+            return None
+        tensor = next(iter(inputs.values()))
+        try:
+            out = engine.run(inputs)
+        except EngineError as e:  # torch serves this part from now on
+            setattr(self, part, None)
+            log.error("the autoencoder %s runs on torch: %s", part, e)
+            self.on_missing(f"the autoencoder {part} engine failed ({e})")
+            return None
+        if out is None:
+            self._report(part, tensor)
+        return out
 
     def _report(self, part: str, tensor: torch.Tensor) -> None:
         key = (part, tuple(tensor.shape))
@@ -461,15 +483,19 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
     become TrtUNet and TrtAutoencoder around the torch ones, and the engine takes the LoRA weights in use.
     Between frames, on the render thread (it clears the stream's CUDA graphs); `detach` undoes it, and so
     does a failure here."""
-    from .export import UNET, VAE_DECODER, VAE_ENCODER
+    from .cache import weights_fingerprint
+    from .export import UNET
 
     engines = loaded.engines
+    if weights_fingerprint(stream.model.unet) != engines[UNET].record.key.weights:
+        raise EngineError(f"the UNet engine was built from other weights than {stream.model.name}'s "
+                          f"({engines[UNET].record.model})")
     refit = LoraRefit(engines[UNET], loaded.refit_map, loaded.onnx_path) if loaded.refit_map else None
     torch_autoencoder = stream.model.autoencoder
     if isinstance(torch_autoencoder, TrtAutoencoder):
         torch_autoencoder = torch_autoencoder.fallback
     unet = TrtUNet(engines[UNET], stream.model.unet, refit, on_missing)
-    autoencoder = TrtAutoencoder(engines.get(VAE_ENCODER), engines.get(VAE_DECODER), torch_autoencoder, on_missing)
+    autoencoder = _autoencoder_on(loaded, torch_autoencoder, on_missing)
     stream.set_modules(unet=unet, autoencoder=autoencoder)
     try:
         if stream.loras is not None:
@@ -486,10 +512,28 @@ def autoencoder(loaded: Loaded, fallback: Any, *, on_missing: Callable[[str], No
                 ) -> TrtAutoencoder:
     """A TrtAutoencoder on `loaded`'s encoder and decoder engines around the torch `fallback` (a /vae
     switch to an autoencoder whose engines are built)."""
-    from .export import VAE_DECODER, VAE_ENCODER
     if isinstance(fallback, TrtAutoencoder):
         fallback = fallback.fallback
-    return TrtAutoencoder(loaded.engines.get(VAE_ENCODER), loaded.engines.get(VAE_DECODER), fallback, on_missing)
+    return _autoencoder_on(loaded, fallback, on_missing)
+
+
+def _autoencoder_on(loaded: Loaded, fallback: Any, on_missing: Callable[[str], None] | None) -> TrtAutoencoder:
+    """Only engines built from this very autoencoder's weights are used: after a /vae switch the engines
+    of a build started before it may be of the old one, and those would show the wrong pictures."""
+    from .cache import weights_fingerprint
+    from .export import VAE_DECODER, VAE_ENCODER
+
+    fingerprint = weights_fingerprint(fallback.module)
+    parts = {}
+    for part in (VAE_ENCODER, VAE_DECODER):
+        engine = loaded.engines.get(part)
+        if engine is not None and engine.record.key.weights != fingerprint:
+            log.warning("the %s engine is of another autoencoder than %s; that part runs on torch", part, fallback.name)
+            if on_missing is not None:
+                on_missing(f"the autoencoder {part} (its engine is of another autoencoder)")
+            engine = None
+        parts[part] = engine
+    return TrtAutoencoder(parts[VAE_ENCODER], parts[VAE_DECODER], fallback, on_missing)
 
 
 def detach(stream: Any) -> None:

@@ -238,7 +238,7 @@ class EngineService:
             labels = ", ".join(t.label for t in missing)
             if self.settings.backend == TENSORRT:
                 log.info("building TensorRT engines before serving: %s", labels)
-                built = self._build(cache, stream, background=self._current() is not None)
+                built = self._build(cache, stream.model.source, background=self._current() is not None)
                 if built is None:
                     from engines.bundle import ModelError
                     raise ModelError(f"the TensorRT engine build failed; see {cache.root / 'build.log'}")
@@ -337,7 +337,8 @@ class EngineService:
         if stream is None:
             return
         self._building_for = ref
-        state = self._state(stream)
+        state, device, source = self._state(stream), stream.device, stream.model.source
+        stream = None  # only weak references from here: a model switched meanwhile can go during the build
         cache = engine_cache(self.settings)
         if targets is None:  # the stream serves: read its state on the render thread, between frames
             targets = self._between_frames(
@@ -347,10 +348,10 @@ class EngineService:
         if all(cache.has_engine(t.key) for t in targets):
             records = [str(cache.record_path(t.key)) for t in targets]
         else:
-            records = self._build(cache, stream, background=True)
+            records = self._build(cache, source, background=True)
         with self._lock:
             superseded = self._wanted is not None or self._stopping
-        if superseded:
+        if superseded or ref() is None:
             return  # another request came meanwhile: that one now
         if records is None:
             state.reason = f"the TensorRT engine build failed (see {cache.root / 'build.log'}); " + (
@@ -361,8 +362,6 @@ class EngineService:
         if attached is not None and sorted(r.key.digest() for r in attached.loaded.records) == \
                 sorted(Path(r).stem.split("-", 1)[1] for r in records):
             return  # the engines that serve are what the state needs: nothing new (and no build loop)
-        device = stream.device
-        stream = None  # only a weak reference while the engines load: a model switched meanwhile can go
         loaded = self._loader(device, cache, records)()
 
         def swap(current: Any) -> None:
@@ -396,12 +395,12 @@ class EngineService:
         log.info("backend: %s (%s)", TENSORRT, why)
         return True
 
-    def _build(self, cache: Any, stream: Any, *, background: bool) -> list[str] | None:
-        """Run `sdbridge build` as a child process for the stream's model and the current state (its
-        output goes to build.log); the record files of the engines it made or found, None if it failed."""
+    def _build(self, cache: Any, source: str, *, background: bool) -> list[str] | None:
+        """Run `sdbridge build` as a child process for the model asked for now (else the one loaded from
+        `source`) and the current state; its output goes to build.log. Returns the record files of the
+        engines it made or found, None if it failed."""
         values = dict(self._values())
-        model = getattr(stream.model, "source", "") or values.get("model") or self.settings.model
-        settings = dataclasses.replace(self.settings, model=values.get("model") or model)
+        settings = dataclasses.replace(self.settings, model=values.get("model") or source or self.settings.model)
         with self._build_lock, tempfile.TemporaryDirectory(prefix="sdbridge-build-", ignore_cleanup_errors=True) as folder:
             config_path, manifest = Path(folder) / "config.toml", Path(folder) / "engines.json"
             config_path.write_text(config.to_toml(settings, values))

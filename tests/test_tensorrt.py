@@ -236,6 +236,9 @@ def test_weights_fingerprint_sees_any_change_of_one_weight(bundle):
     with torch.no_grad():
         edited.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight[3, 5] += 1e-3
     assert cache.weights_fingerprint(edited) != before
+    # an SDXL VAE is upcast to float32 in place on its first frame: the same weights, the same fingerprint
+    half = tiny.build_autoencoder().half()
+    assert cache._fingerprint(half) == cache._fingerprint(half.float())
 
 
 def test_weights_fingerprint_ignores_loaded_loras(bundle, lora_file):
@@ -471,6 +474,27 @@ def test_a_background_build_that_fails_leaves_torch_serving_and_says_why(tmp_pat
     assert "build failed" in service.describe() and service.attached is None
     assert "TensorRT needs an NVIDIA GPU" in (tmp_path / "build.log").read_text()
     assert not list(tmp_path.glob("onnx"))  # the child stopped before any work
+
+
+def test_the_engine_service_keeps_no_stream_alive_after_it_stops_serving(tmp_path):
+    import gc
+    import weakref
+
+    from bridge.builds import EngineService
+
+    service = EngineService(config.Settings(model="tiny", engine_dir=str(tmp_path)), dict, lambda work: None, CPU)
+    model = tiny.build_bundle()
+    stream = Stream(model, CPU, torch.float32)
+    engine = OnnxEngine(exported(export.unet_component(model.unet), tmp_path))
+    unet = runtime.TrtUNet(engine, model.unet, on_missing=service._missing_for(stream))
+    service._state(stream).attached = runtime.Attached(unet, runtime.TrtAutoencoder(None, None, model.autoencoder),
+                                                       loaded=None)
+    service.activate(stream)
+    assert service.attached is not None
+    gone = weakref.ref(stream)
+    del stream, unet
+    gc.collect()
+    assert gone() is None and len(service._streams) == 0 and service.attached is None
 
 
 def test_settings_for_a_child_build_round_trip_through_toml(tmp_path):

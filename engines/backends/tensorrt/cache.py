@@ -111,7 +111,7 @@ _FINGERPRINTS_LOCK = threading.Lock()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A fingerprint of every weight of `module`: per tensor its name, shape, dtype and two float64 sums
+    """A fingerprint of every weight of `module`: per tensor its name, shape and two float64 sums
     (plain and position-weighted), computed where the weights are. A full byte hash of a 5 GB SDXL UNet
     would cost seconds at every start; two sums change with any real edit of the weights (a fine-tune,
     a merged LoRA) and cost milliseconds on a GPU. Remembered per module object: sdbridge never edits a
@@ -130,13 +130,14 @@ def _fingerprint(module: torch.nn.Module) -> str:
     parts = []
     with torch.no_grad():
         for name, tensor in base_state_dict(module).items():
+            # no dtype: the same weights in float32 (an SDXL VAE upcast on its first frame) are the same
+            # model, and the key's precision says what the engine computes in
             if not tensor.is_floating_point():
-                parts.append((name, tuple(tensor.shape), str(tensor.dtype), tensor.sum().item()))
+                parts.append((name, tuple(tensor.shape), tensor.sum().item()))
                 continue
             flat = tensor.detach().reshape(-1).double()
             ramp = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(9973).add_(1)
-            parts.append((name, tuple(tensor.shape), str(tensor.dtype), f"{flat.sum().item():.12g}",
-                          f"{(flat * ramp).sum().item():.12g}"))
+            parts.append((name, tuple(tensor.shape), f"{flat.sum().item():.12g}", f"{(flat * ramp).sum().item():.12g}"))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

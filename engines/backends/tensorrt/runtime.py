@@ -470,9 +470,9 @@ def load(cache: EngineCache, records: Sequence[EngineRecord], device: torch.devi
 
 @dataclass
 class Attached:
-    """What `attach` put into a stream."""
+    """What `attach` put into a stream (never the stream itself: the daemon keeps this per stream, in a
+    table that must not keep an old stream alive)."""
 
-    stream: Any
     unet: TrtUNet
     autoencoder: TrtAutoencoder
     loaded: Loaded
@@ -505,7 +505,7 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
         raise
     log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
              ", ".join(engines), loaded.memory.size / 2**20)
-    return Attached(stream, unet, autoencoder, loaded)
+    return Attached(unet, autoencoder, loaded)
 
 
 def autoencoder(loaded: Loaded, fallback: Any, *, on_missing: Callable[[str], None] | None = None

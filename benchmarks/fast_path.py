@@ -6,12 +6,15 @@ and memory never flatter the next) and prints one markdown table per part:
     python benchmarks/fast_path.py --targets            # the targets of docs/benchmarks.md
     python benchmarks/fast_path.py --ablation           # eager -> channels_last -> CUDA graphs, bf16, compile
     python benchmarks/fast_path.py --targets --ablation --json-out results.json
+    python benchmarks/fast_path.py --ablation --tensorrt  # and a row on TensorRT engines (sdbridge build first)
 
 The ablation switches one technique at a time on sd21 + TAESD, 512x512, 1 step, exact mode (override
 with --model/--size/--steps). Each row is a whole bench run: end-to-end fps and p99 latency through
 the rings, the bare engine's time per frame, the device memory peak, and the share of the device's
 peak FLOP/s. Rows that fail say why and the rest go on. On a CPU the CUDA-graph rows are refused by
-the daemon (cuda_graph = on needs CUDA) and say so.
+the daemon (cuda_graph = on needs CUDA) and say so. With --tensorrt, each configuration also gets a row
+on TensorRT engines: `sdbridge build` runs first (its time is reported; engines already in the cache
+make it quick), then `sdbridge bench --backend tensorrt`. That needs TensorRT (docs/tensorrt.md).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SDBRIDGE = [sys.executable, "-m", "bridge.cli", "bench", "--json"]
+BUILD = [sys.executable, "-m", "bridge.cli", "build"]
 
 # (name, flags): each switches on one more technique than the row above, then the alternatives
 ABLATION = (
@@ -60,11 +64,28 @@ def run(flags: list[str], seconds: float, timeout: float) -> dict:
     return result
 
 
+def run_on_engines(flags: list[str], seconds: float, timeout: float, build_timeout: float) -> dict:
+    """Build the engines for this configuration, then bench it on them; the build's time goes with it."""
+    started = time.monotonic()
+    try:
+        done = subprocess.run([*BUILD, *flags], cwd=ROOT, capture_output=True, text=True, timeout=build_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"sdbridge build timed out after {build_timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.strip().splitlines()[-2:]) or "(no output)"
+        return {"error": f"sdbridge build: exit {done.returncode}: {tail}"}
+    result = run([*flags, "--backend", "tensorrt"], seconds, timeout)
+    result["engine_build_s"] = time.monotonic() - started
+    return result
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
 def row(name: str, result: dict, target: str | None = None) -> str:
+    if "engine_build_s" in result:
+        name += f" (engines built or found in {result['engine_build_s']:.0f} s)"
     if "error" in result:
         cells = [name, f"failed: {result['error']}", "", "", "", "", ""]
     else:
@@ -96,6 +117,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="end-to-end window per run (default: 8)")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds one run may take (default: 420)")
     parser.add_argument("--json-out", metavar="FILE", help="also write every run's JSON here")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="also run each configuration on TensorRT engines (built first; needs TensorRT)")
+    parser.add_argument("--build-timeout", type=float, default=3600.0,
+                        help="seconds one engine build may take (default: 3600)")
     args = parser.parse_args()
     if not (args.targets or args.ablation):
         parser.error("choose --targets, --ablation or both")
@@ -108,12 +133,25 @@ def main() -> int:
             rows.append(row(name, results[name], target))
             print(rows[-1], file=sys.stderr, flush=True)
             save(results, args.json_out)
+            if args.tensorrt:
+                engine_flags = [f for f in flags if f not in ("--compare", "diffusers")]
+                results[f"{name}, TensorRT"] = run_on_engines(engine_flags, args.seconds, args.timeout,
+                                                             args.build_timeout)
+                rows.append(row(f"{name}, TensorRT", results[f"{name}, TensorRT"], target))
+                print(rows[-1], file=sys.stderr, flush=True)
+                save(results, args.json_out)
         out.append(table("Targets", rows, targets=True))
     if args.ablation:
         base = ["--model", args.model, "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps)]
         rows = []
         for name, flags in ABLATION:
             results[f"ablation: {name}"] = run(base + flags, args.seconds, args.timeout)
+            rows.append(row(name, results[f"ablation: {name}"]))
+            print(rows[-1], file=sys.stderr, flush=True)
+            save(results, args.json_out)
+        if args.tensorrt:
+            name = "TensorRT engines (+ CUDA graphs)"
+            results[f"ablation: {name}"] = run_on_engines(base, args.seconds, args.timeout, args.build_timeout)
             rows.append(row(name, results[f"ablation: {name}"]))
             print(rows[-1], file=sys.stderr, flush=True)
             save(results, args.json_out)

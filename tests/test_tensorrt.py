@@ -331,24 +331,40 @@ class OnnxEngine:
         return {n: torch.from_numpy(v) for n, v in zip(self.outputs, out)}
 
 
-def test_a_stream_renders_the_same_frame_through_the_stand_ins(bundle, tmp_path):
-    model = tiny.build_bundle()
-    stream = Stream(model, CPU, torch.float32)
-    settings = StreamSettings(prompt="a cat", seed=3, strength=0.6, steps=2, width=64, height=64,
-                              guidance_scale=2.0, cfg_type="full")
-    image = torch.rand(1, 3, 64, 64) * 2 - 1
+STAND_IN_CASES = {
+    # name: (model, stream batch, controlnet inputs, settings, UNet calls per frame)
+    "sd, 2 steps, cfg full": ("tiny", False, False, dict(steps=2, guidance_scale=2.0, cfg_type="full"), 2),
+    "sdxl-shaped, cfg initialize": ("tiny-xl", False, False, dict(steps=2, guidance_scale=2.0, cfg_type="initialize"), 2),
+    "stream batch, 3 steps": ("tiny", True, False, dict(steps=3, strength=0.9), 1),
+    "UNet with ControlNet inputs, none on": ("tiny", False, True, dict(steps=1), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(STAND_IN_CASES))
+def test_a_stream_renders_the_same_frames_through_the_stand_ins(case, tmp_path):
+    """TrtUNet and TrtAutoencoder give the stream exactly what the torch modules give: the inputs an
+    engine takes (float32 timesteps per batch entry, SDXL's pooled text and size numbers, zero ControlNet
+    residuals) are assembled right, whatever the batch."""
+    arch, stream_batch, controlnet_inputs, extra, calls = STAND_IN_CASES[case]
+    model = tiny.build_bundle(arch)
+    stream = Stream(model, CPU, torch.float32, stream_batch=stream_batch)
+    settings = StreamSettings(**{"prompt": "a cat", "seed": 3, "strength": 0.6, "width": 64, "height": 64, **extra})
+    images = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
     stream.prepare(settings)
-    expected = stream.render(image)
+    expected = [stream.render(image) for image in images]
     encoder, decoder = export.autoencoder_components(model.autoencoder)
-    unet_engine = OnnxEngine(exported(export.unet_component(model.unet), tmp_path / "unet"))
+    unet_engine = OnnxEngine(exported(export.unet_component(model.unet, controlnet_inputs=controlnet_inputs),
+                                      tmp_path / "unet"))
     engines = [OnnxEngine(exported(c, tmp_path / c.name)) for c in (encoder, decoder)]
     missing = []
+    stream = Stream(model, CPU, torch.float32, stream_batch=stream_batch)
     stream.set_modules(unet=runtime.TrtUNet(unet_engine, model.unet, on_missing=missing.append),
                        autoencoder=runtime.TrtAutoencoder(*engines, model.autoencoder))
     stream.prepare(settings)
-    got = stream.render(image)
-    assert unet_engine.calls == 2 and all(e.calls == 1 for e in engines)  # two steps, cfg full in each call
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    got = [stream.render(image) for image in images]
+    assert unet_engine.calls == calls * len(images) and all(e.calls == len(images) for e in engines)
+    for frame, reference in zip(got, expected):
+        torch.testing.assert_close(frame, reference, rtol=1e-4, atol=1e-4)
     assert not missing
 
 

@@ -385,6 +385,24 @@ def test_a_shape_no_profile_takes_runs_on_torch_and_is_reported_once(bundle, tmp
     torch.testing.assert_close(got, expected)
 
 
+def test_controlnet_residuals_for_an_engine_without_their_inputs_run_on_torch(bundle, tmp_path):
+    model = tiny.build_bundle()
+    engine = OnnxEngine(exported(export.unet_component(model.unet), tmp_path))
+    missing = []
+    unet = runtime.TrtUNet(engine, model.unet, on_missing=missing.append)
+    inputs = export.unet_component(model.unet).sample_inputs(Profile(1, 64, 64), CPU, seed=2)
+    down, mid = export.residual_shapes(model.unet.config, 1, 8, 8)
+    residuals = dict(down_block_additional_residuals=[torch.randn(s) for s in down],
+                     mid_block_additional_residual=torch.randn(mid))
+    with torch.no_grad():
+        got = unet(*inputs, **residuals).sample
+        expected = model.unet(*inputs, **residuals).sample
+    torch.testing.assert_close(got, expected)  # the residuals count: the engine would have dropped them
+    assert engine.calls == 0 and len(missing) == 1 and "ControlNet" in missing[0]
+    unet(*inputs)
+    assert engine.calls == 1  # without residuals the engine serves
+
+
 def test_a_lora_on_layers_the_engine_cannot_refit_runs_the_unet_on_torch(bundle, lora_file, tmp_path):
     model = tiny.build_bundle()
     engine = OnnxEngine(exported(export.unet_component(model.unet), tmp_path))

@@ -340,7 +340,12 @@ class TrtUNet:
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, down_block_additional_residuals: Sequence | None = None,
                  mid_block_additional_residual: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if self.torch_reason is None:
+        residuals = down_block_additional_residuals is not None or mid_block_additional_residual is not None
+        if residuals and not self.controlnet_inputs:
+            # an engine without ControlNet inputs would drop them: that call runs on torch
+            self._report_once(("controlnet",), "ControlNet residuals (this UNet engine was built without "
+                                               "ControlNet inputs)")
+        elif self.torch_reason is None:
             batch = sample.shape[0]
             inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(batch),
                       "encoder_hidden_states": encoder_hidden_states}
@@ -380,12 +385,14 @@ class TrtUNet:
         return out
 
     def _report(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        shapes = tuple(tuple(t.shape) for t in inputs.values())
-        if shapes not in self._reported:
-            self._reported.add(shapes)
-            what = (f"UNet at latent {tuple(inputs['sample'].shape)}, prompt "
-                    f"{inputs['encoder_hidden_states'].shape[1]} tokens")
-            log.warning("no UNet engine profile takes %s: it runs on torch", what)
+        self._report_once(tuple(tuple(t.shape) for t in inputs.values()),
+                          f"UNet at latent {tuple(inputs['sample'].shape)}, prompt "
+                          f"{inputs['encoder_hidden_states'].shape[1]} tokens")
+
+    def _report_once(self, key: tuple, what: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning("no UNet engine takes the %s: it runs on torch", what)
             self.on_missing(what)
 
 

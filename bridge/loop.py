@@ -38,7 +38,7 @@ from .state import Snapshot, StateStore
 log = logging.getLogger(__name__)
 
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
-_STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings) if f.name != "loras")
+_STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings) if f.name not in ("loras", "controls"))
 _ERROR_BACKOFF_S = 0.05
 # Longest input side accepted. A frame within the slot's bytes can still be absurdly shaped
 # (2,000,000 x 1), and resizing that costs seconds and gigabytes; no camera or TOP sends one.

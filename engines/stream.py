@@ -29,6 +29,14 @@ prediction is estimated as `delta` times the noise that was actually put into th
 costs no extra UNet work. `initialize` runs the real negative prediction at the first step only and
 carries its residual (prediction minus injected noise) to the later steps.
 
+ControlNets (`set_controlnets`, `StreamSettings.controls`, the `controls` images of a frame): each
+ControlNet with a control image runs beside every UNet call on the same latents, timesteps and text
+(the negative-prompt entries included, as diffusers does outside guess mode), and its residuals, scaled
+by its weight at each latent's step, are summed into the UNet. A weight is the ControlNet's scale where
+the step lies within its [start, end] fraction of the schedule and 0 outside (diffusers' rule), a
+device tensor of the plan, so a scale is a live value; a ControlNet at scale 0 or with no image is
+skipped.
+
 Stream batch (`stream_batch=True`): with n steps, the n frames in flight (the new one at t0, older
 ones at later timesteps) are denoised in ONE UNet call per frame, StreamDiffusion's trick for
 throughput; each output then belongs to the input n-1 frames earlier (`output_tag` says which). In
@@ -84,6 +92,9 @@ class StreamSettings:
     width: int = 512
     height: int = 512
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight) from /lora/<name>; prompt tags add to these
+    # per ControlNet k (Stream.set_controlnets): (scale, start, end), start and end as fractions of the
+    # steps where it acts, as diffusers' control_guidance_start/end; a ControlNet left out: (1.0, 0.0, 1.0)
+    controls: tuple[tuple[float, float, float], ...] = ()
 
 
 def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 1000,
@@ -166,6 +177,7 @@ class _Batch(NamedTuple):
     sqrt_beta: torch.Tensor
     c_skip: torch.Tensor
     c_out: torch.Tensor
+    controls: tuple[torch.Tensor, ...] = ()  # per ControlNet: its conditioning scale at each latent's step
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,7 @@ class _Plan:
     time_ids: torch.Tensor | None  # SDXL size conditioning, (1, 6)
     guidance: torch.Tensor  # guidance_scale and delta as 0-dim device tensors: live values a graph reads
     delta: torch.Tensor
+    controls_on: tuple[bool, ...] = ()  # per ControlNet: whether it acts at any step (a scale of 0: it is skipped)
 
 
 @dataclass
@@ -247,6 +260,7 @@ class Stream:
         self.graphs: Callable[[_Shape, _Frame], tuple] | None = None
         # What runs the UNet: the torch module, or a stand-in called the same way (set_modules)
         self.unet: Callable[..., Any] = model.unet
+        self.controlnets: tuple[Any, ...] = ()  # diffusers ControlNetModels, index k (set_controlnets)
 
     @property
     def prompt_tokens(self) -> int:
@@ -294,6 +308,13 @@ class Stream:
         if autoencoder is not None:
             self.model.autoencoder = autoencoder
         self._forget_graphs()
+
+    def set_controlnets(self, controlnets: Sequence[Any]) -> None:
+        """The ControlNets frames may be steered by, index k as in StreamSettings.controls and the
+        `controls` images of a frame; prepare again after this (their per-step scales are part of a plan)."""
+        self.controlnets = tuple(controlnets)
+        self._forget_graphs()
+        self._plan = None
 
     def _forget_graphs(self) -> None:
         clear = getattr(self.graphs, "clear", None)
@@ -361,10 +382,14 @@ class Stream:
                         settings.width // factor)
         look = self._look(settings, positive_texts, negative_text, cfg, latent_shape, max(1, len(timesteps)))
         steps = tuple(self._step(t) for t in timesteps)
-        plan = _Plan(settings, look, cfg, steps, tuple(self._batch([step]) for step in steps),
-                     self._batch(steps) if self.stream_batch and len(steps) > 1 else None, latent_shape,
+        controls = [control_weights(*(settings.controls[k] if k < len(settings.controls) else (1.0, 0.0, 1.0)),
+                                    len(steps)) for k in range(len(self.controlnets))]
+        plan = _Plan(settings, look, cfg, steps,
+                     tuple(self._batch([step], [[w[i]] for w in controls]) for i, step in enumerate(steps)),
+                     self._batch(steps, controls) if self.stream_batch and len(steps) > 1 else None, latent_shape,
                      self._time_ids(settings) if self.model.xl else None,
-                     self._scalar(settings.guidance_scale), self._scalar(settings.delta))
+                     self._scalar(settings.guidance_scale), self._scalar(settings.delta),
+                     tuple(any(w) for w in controls))
         self._start_transition(previous, plan)
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
                 (plan.steps, plan.latent_shape, plan.settings.mode):
@@ -512,12 +537,14 @@ class Stream:
     def _scalar(self, value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=self.dtype, device=self.device)
 
-    def _batch(self, steps: Sequence[_Step]) -> _Batch:
-        def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
+    def _batch(self, steps: Sequence[_Step], controls: Sequence[Sequence[float]] = ()) -> _Batch:
+        """`controls`: per ControlNet, its scale at each of `steps`."""
+        def column(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
         return _Batch(torch.tensor([s.timestep for s in steps], dtype=torch.long, device=self.device),
                       column([s.sqrt_alpha for s in steps]), column([s.sqrt_beta for s in steps]),
-                      column([s.c_skip for s in steps]), column([s.c_out for s in steps]))
+                      column([s.c_skip for s in steps]), column([s.c_out for s in steps]),
+                      tuple(column(weights) for weights in controls))
 
     def _seed_noise(self, seed: int, shape: tuple[int, ...], count: int) -> tuple[torch.Tensor, ...]:
         key = (seed, shape, count)
@@ -533,14 +560,17 @@ class Stream:
 
     # ------------------------------------------------------------------ render (per frame)
     def render_pixels(self, pixels: np.ndarray | torch.Tensor | None, output: OutputFormat, *, bgr: bool = False,
-                      bottom_left: bool = False, tag: Any = None) -> np.ndarray:
+                      bottom_left: bool = False, tag: Any = None, controls: Sequence[torch.Tensor | None] = ()
+                      ) -> np.ndarray:
         """The whole per-frame call: client pixels (H, W, C, on the host or already staged; None in
         txt2img) to output pixels on the host in the client format `output`. Benchmarks time this as
         the bare engine. The array returned is reused by the call after next: copy it to keep it."""
-        return self.staging.download(self.launch(pixels, output, bgr=bgr, bottom_left=bottom_left, tag=tag))
+        return self.staging.download(self.launch(pixels, output, bgr=bgr, bottom_left=bottom_left, tag=tag,
+                                                 controls=controls))
 
     def launch(self, pixels: np.ndarray | torch.Tensor | None, output: OutputFormat, *, bgr: bool = False,
-               bottom_left: bool = False, tag: Any = None) -> torch.Tensor:
+               bottom_left: bool = False, tag: Any = None, controls: Sequence[torch.Tensor | None] = ()
+               ) -> torch.Tensor:
         """`render_pixels` without the wait: the output pixels on the device, still being computed on
         CUDA; `staging.download` fetches them. The render loop stages the next input meanwhile."""
         settings = self.settings
@@ -550,16 +580,19 @@ class Stream:
         if pixels is not None and settings.mode != TXT2IMG:
             raw = pixels if isinstance(pixels, torch.Tensor) else self.staging.upload(pixels)
         with torch.inference_mode():
-            return self._render(raw, _PIXELS, (bgr, bottom_left), output, tag)
+            return self._render(raw, _PIXELS, (bgr, bottom_left), output, tag, controls)
 
     @torch.inference_mode()
-    def render(self, image: torch.Tensor | None, tag: Any = None) -> torch.Tensor:
+    def render(self, image: torch.Tensor | None, tag: Any = None,
+               controls: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         """One frame: a (1, 3, H, W) image in [-1, 1] (None for txt2img) to a (1, 3, H, W) image in
-        [0, 1]. `tag` travels with the frame; `output_tag` is the tag of the frame the output shows."""
-        return self._render(image, _IMAGE, (), None, tag)
+        [0, 1]. `tag` travels with the frame; `output_tag` is the tag of the frame the output shows.
+        `controls`: per ControlNet k, its control image for this frame, (1, 3, H, W) in [0, 1] at the
+        frame's size on the device, or None (that ControlNet does not act)."""
+        return self._render(image, _IMAGE, (), None, tag, controls)
 
     def _render(self, source: torch.Tensor | None, kind: str, pixel_format: tuple, output: OutputFormat | None,
-                tag: Any) -> torch.Tensor:
+                tag: Any, controls: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         """Decide on the host what this frame is (its shape and its tensors), then run the tensor work:
         eagerly, or as a CUDA graph replay when `self.graphs` is set (engines.backends.torch_backend)."""
         plan = self._plan
@@ -576,13 +609,15 @@ class Stream:
         batched = self.stream_batch and n > 1
         flight = self._in_flight
         start_up = batched and not flight.latents
+        images = tuple(controls[k] if k < len(controls) and plan.controls_on[k] and n else None
+                       for k in range(len(plan.controls_on)))
         shape = _Shape(kind, pixel_format, plan.settings.width, plan.settings.height, n, plan.cfg, batched, start_up,
-                       output)
+                       output, tuple(image is not None for image in images))
         negative = look.negative
         frame = _Frame(source, look.positive.embeddings, look.positive.pooled,
                        negative.embeddings if negative is not None else None,
                        negative.pooled if negative is not None else None, noise, plan.single, plan.batched,
-                       plan.guidance, plan.delta, plan.time_ids, tuple(flight.latents), tuple(flight.noises))
+                       plan.guidance, plan.delta, plan.time_ids, tuple(flight.latents), tuple(flight.noises), images)
         # Graphs for the whole per-frame call only (client pixels out, consumed before the next replay);
         # the start-up frame of a stream batch happens once per schedule: not worth a graph.
         run = self.graphs if self.graphs is not None and output is not None and not start_up else self._frame
@@ -694,7 +729,10 @@ class Stream:
         added = None
         if f.time_ids is not None:
             added = {"text_embeds": pooled, "time_ids": f.time_ids.expand(model_input.shape[0], -1)}
-        out = self.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        down, mid = self._control(model_input, times, embeds, added, steps, f, shape,
+                                  negatives=(b if cfg == "full" else 1) if run_negative else 0)
+        out = self.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         sqrt_alpha, sqrt_beta = steps.sqrt_alpha, steps.sqrt_beta
         prediction = self.prediction_type
         if cfg in ("self", "initialize") and prediction != "epsilon":
@@ -728,6 +766,35 @@ class Stream:
         return steps.c_out * x0 + steps.c_skip * latents, residual
 
 
+    def _control(self, model_input: torch.Tensor, times: torch.Tensor, embeds: torch.Tensor, added: dict | None,
+                 steps: _Batch, f: "_Frame", shape: "_Shape", *, negatives: int
+                 ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """The residuals the acting ControlNets add to the UNet, each scaled by its weight at each latent's
+        step, summed (diffusers' MultiControlNet); None when none acts. The negative-prompt entries of a
+        guided batch are steered too, as diffusers does outside guess mode."""
+        down = mid = None
+        for k, acting in enumerate(shape.controls):
+            if not acting:
+                continue
+            weight = steps.controls[k]
+            if negatives:
+                weight = torch.cat([weight[:negatives], weight])
+            image = f.controls[k].to(model_input.dtype).expand(model_input.shape[0], -1, -1, -1)
+            k_down, k_mid = self.controlnets[k](model_input, times, encoder_hidden_states=embeds, controlnet_cond=image,
+                                                conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+            k_down = [residual * weight for residual in k_down]
+            k_mid = k_mid * weight
+            down = k_down if down is None else [a + b for a, b in zip(down, k_down)]
+            mid = k_mid if mid is None else mid + k_mid
+        return down, mid
+
+
+def control_weights(scale: float, start: float, end: float, steps: int) -> list[float]:
+    """A ControlNet's scale at each of a frame's steps: `scale` where the step lies inside [start, end]
+    of the schedule, 0 outside, by diffusers' rule (step i of n acts unless i/n < start or (i+1)/n > end)."""
+    return [0.0 if i / steps < start or (i + 1) / steps > end else float(scale) for i in range(steps)]
+
+
 # What a frame's source is: nothing (txt2img), a model image (1, 3, H, W) in [-1, 1], or client pixels.
 _NONE, _IMAGE, _PIXELS = "none", "image", "pixels"
 
@@ -745,6 +812,7 @@ class _Shape:
     batched: bool  # stream batch
     start_up: bool  # stream batch: nothing in flight yet
     output: OutputFormat | None  # None: the model image in [0, 1]
+    controls: tuple[bool, ...] = ()  # per ControlNet: whether it acts in this frame
 
 
 class _Frame(NamedTuple):
@@ -763,6 +831,7 @@ class _Frame(NamedTuple):
     time_ids: torch.Tensor | None
     flight_latents: tuple[torch.Tensor, ...]
     flight_noises: tuple[torch.Tensor, ...]
+    controls: tuple[torch.Tensor | None, ...] = ()  # per ControlNet: its control image, (1, 3, H, W) in [0, 1]
 
 
 def _to_epsilon(out: torch.Tensor, latents: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_beta: torch.Tensor,

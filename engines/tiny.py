@@ -12,7 +12,7 @@ import os
 import tempfile
 
 import torch
-from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderTiny, ControlNetModel, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .autoencoder import Autoencoder
@@ -66,6 +66,21 @@ def build_xl_unet() -> UNet2DConditionModel:
             addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_EMBED,
             projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * XL_TIME_EMBED,
         ).eval()
+
+
+def build_controlnet(xl: bool = False) -> ControlNetModel:
+    """A ControlNet of the tiny UNet (`tiny`, or `tiny-xl`'s with xl): its layout, from fixed seeds. A
+    trained ControlNet's zero convolutions have grown away from zero; these are given small random
+    values, so that a control image really steers the output."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 5)
+        controlnet = ControlNetModel.from_unet(build_xl_unet() if xl else build_unet(),
+                                               conditioning_embedding_out_channels=(8, 16, 32, 32)).eval()
+        with torch.no_grad():
+            for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                         controlnet.controlnet_cond_embedding.conv_out]:
+                conv.weight.normal_(0.0, 0.05)
+    return controlnet
 
 
 def build_autoencoder() -> AutoencoderTiny:

@@ -385,6 +385,26 @@ def test_a_shape_no_profile_takes_runs_on_torch_and_is_reported_once(bundle, tmp
     torch.testing.assert_close(got, expected)
 
 
+def test_a_unet_engine_takes_the_controlnet_residuals_of_a_steered_stream(tmp_path):
+    model = tiny.build_bundle()
+    controlnet = tiny.build_controlnet()
+    settings = StreamSettings(prompt="a cat", seed=3, strength=0.7, steps=2, width=64, height=64,
+                              guidance_scale=2.0, cfg_type="full", controls=((0.9, 0.0, 1.0),))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    stream = Stream(model, CPU, torch.float32)
+    stream.set_controlnets([controlnet])
+    stream.prepare(settings)
+    expected = stream.render(image, controls=[control])
+    engine = OnnxEngine(exported(export.unet_component(model.unet, controlnet_inputs=True), tmp_path))
+    missing = []
+    stream.set_modules(unet=runtime.TrtUNet(engine, model.unet, on_missing=missing.append))
+    stream.prepare(settings)
+    got = stream.render(image, controls=[control])
+    assert engine.calls == 2 and not missing
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_controlnet_residuals_for_an_engine_without_their_inputs_run_on_torch(bundle, tmp_path):
     model = tiny.build_bundle()
     engine = OnnxEngine(exported(export.unet_component(model.unet), tmp_path))

@@ -1,0 +1,134 @@
+"""ControlNets in the stream (engine side): parity with diffusers' ControlNet img2img pipeline on the
+tiny model and its tiny ControlNet, live scales, the start/end rule, several ControlNets at once."""
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionControlNetImg2ImgPipeline
+
+from engines import registry, tiny
+from engines.stream import Stream, StreamSettings, control_weights, timesteps_for
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+@pytest.fixture(scope="module")
+def model():
+    return registry.load("tiny", CPU, F32)
+
+
+@pytest.fixture(scope="module")
+def controlnet():
+    return tiny.build_controlnet()
+
+
+def _images(size=512):
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = torch.stack([x, y, (x * y) ** 0.5]).unsqueeze(0)  # (1, 3, H, W) in [0, 1]
+    control = torch.stack([y, x, 1 - x]).unsqueeze(0)
+    return image, control
+
+
+class _Timesteps(LCMScheduler):
+    """LCMScheduler on our timesteps: the ControlNet pipeline has no `timesteps` argument of its own."""
+
+    fixed: tuple[int, ...] = ()
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        super().set_timesteps(device=device, timesteps=list(self.fixed))
+
+
+@pytest.mark.parametrize("strength,steps,guidance,scale,start,end",
+                         [(0.6, 2, 1.0, 0.8, 0.0, 1.0), (0.9, 4, 3.0, 1.3, 0.25, 0.75), (0.7, 3, 1.0, 1.0, 0.0, 0.5)])
+def test_controlnet_img2img_matches_diffusers_pipeline(model, controlnet, strength, steps, guidance, scale, start, end):
+    image, control = _images()
+    settings = StreamSettings(prompt="a red fox in snow", negative_prompt="blurry", seed=7, strength=strength,
+                              steps=steps, guidance_scale=guidance, controls=((scale, start, end),))
+    stream = Stream(model, CPU, F32)
+    stream.set_controlnets([controlnet])
+    stream.prepare(settings)
+    ours = stream.render(image * 2 - 1, controls=[control])
+
+    scheduler = _Timesteps.from_config(model.scheduler.config)
+    scheduler.fixed = timesteps_for(strength, steps, "img2img")
+    pipe = StableDiffusionControlNetImg2ImgPipeline(
+        vae=model.autoencoder.module, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        controlnet=controlnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=stream.prompts.encode(settings.prompt).embeddings,
+                  negative_prompt_embeds=stream.prompts.encode(settings.negative_prompt).embeddings,
+                  image=image, control_image=control, strength=1.0, num_inference_steps=steps,
+                  guidance_scale=guidance, controlnet_conditioning_scale=scale, control_guidance_start=start,
+                  control_guidance_end=end, generator=torch.Generator("cpu").manual_seed(settings.seed),
+                  output_type="pt").images
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def _render(model, controlnets, settings, image, controls):
+    stream = Stream(model, CPU, F32)
+    stream.set_controlnets(controlnets)
+    stream.prepare(settings)
+    return stream.render(image, controls=controls)
+
+
+def test_a_control_image_steers_the_output_and_scale_zero_restores_it(model, controlnet):
+    image, control = _images(128)
+    image = image * 2 - 1
+    base = StreamSettings(prompt="a red fox", seed=3, strength=0.7, steps=2, width=128, height=128)
+    plain = _render(model, [], base, image, [])
+    steered = _render(model, [controlnet], StreamSettings(**{**base.__dict__, "controls": ((1.0, 0.0, 1.0),)}),
+                      image, [control])
+    off = _render(model, [controlnet], StreamSettings(**{**base.__dict__, "controls": ((0.0, 0.0, 1.0),)}),
+                  image, [control])
+    no_image = _render(model, [controlnet], StreamSettings(**{**base.__dict__, "controls": ((1.0, 0.0, 1.0),)}),
+                       image, [None])
+    assert (steered - plain).abs().max().item() > 1e-2
+    assert torch.equal(off, plain) and torch.equal(no_image, plain)
+
+
+def test_the_scale_is_a_live_value_of_one_prepared_stream(model, controlnet):
+    image, control = _images(128)
+    image = image * 2 - 1
+    stream = Stream(model, CPU, F32)
+    stream.set_controlnets([controlnet])
+    outputs = []
+    for scale in (0.5, 1.5, 0.5):
+        stream.prepare(StreamSettings(prompt="a red fox", seed=3, strength=0.7, width=128, height=128,
+                                      controls=((scale, 0.0, 1.0),)))
+        outputs.append(stream.render(image, controls=[control]))
+    assert (outputs[0] - outputs[1]).abs().max().item() > 1e-3
+    assert torch.equal(outputs[0], outputs[2])
+
+
+def test_two_controlnets_add_their_residuals(model, controlnet):
+    image, control = _images(128)
+    image = image * 2 - 1
+    settings = StreamSettings(prompt="a red fox", seed=3, strength=0.7, width=128, height=128,
+                              controls=((0.6, 0.0, 1.0), (0.4, 0.0, 1.0)))
+    both = _render(model, [controlnet, controlnet], settings, image, [control, control])
+    # the same ControlNet twice at 0.6 and 0.4 is that ControlNet once at 1.0
+    once = _render(model, [controlnet], StreamSettings(**{**settings.__dict__, "controls": ((1.0, 0.0, 1.0),)}),
+                   image, [control])
+    torch.testing.assert_close(both, once, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_batch_runs_with_a_controlnet(model, controlnet):
+    image, control = _images(128)
+    image = image * 2 - 1
+    settings = StreamSettings(prompt="a red fox", seed=3, strength=0.9, steps=3, width=128, height=128,
+                              controls=((1.0, 0.0, 1.0),))
+    stream = Stream(model, CPU, F32, stream_batch=True)
+    stream.set_controlnets([controlnet])
+    stream.prepare(settings)
+    steered = [stream.render(image, controls=[control]) for _ in range(3)]
+    plain = Stream(model, CPU, F32, stream_batch=True)
+    plain.prepare(settings)
+    unsteered = [plain.render(image) for _ in range(3)]
+    assert all(torch.isfinite(frame).all() for frame in steered)
+    assert (steered[-1] - unsteered[-1]).abs().max().item() > 1e-2
+
+
+def test_control_weights_follow_diffusers_start_and_end_rule():
+    assert control_weights(0.8, 0.0, 1.0, 4) == [0.8] * 4
+    assert control_weights(1.0, 0.25, 0.75, 4) == [0.0, 1.0, 1.0, 0.0]
+    assert control_weights(1.0, 0.0, 0.5, 3) == [1.0, 0.0, 0.0]
+    assert control_weights(2.0, 0.0, 1.0, 1) == [2.0]

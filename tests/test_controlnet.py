@@ -1,10 +1,16 @@
-"""ControlNets in the stream (engine side): parity with diffusers' ControlNet img2img pipeline on the
-tiny model and its tiny ControlNet, live scales, the start/end rule, several ControlNets at once."""
+"""ControlNets, engine side: in the stream (parity with diffusers' ControlNet img2img pipeline on the
+tiny model and its tiny ControlNet, live scales, the start/end rule, several at once, stream batch)
+and loading them by name from model folders."""
 import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionControlNetImg2ImgPipeline
 
+from safetensors.torch import save_file
+
+from engines import controlnet as controlnets
 from engines import registry, tiny
+from engines.bundle import ModelError
+from engines.folders import ModelFolders
 from engines.stream import Stream, StreamSettings, control_weights, timesteps_for
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -132,3 +138,46 @@ def test_control_weights_follow_diffusers_start_and_end_rule():
     assert control_weights(1.0, 0.25, 0.75, 4) == [0.0, 1.0, 1.0, 0.0]
     assert control_weights(1.0, 0.0, 0.5, 3) == [1.0, 0.0, 0.0]
     assert control_weights(2.0, 0.0, 1.0, 1) == [2.0]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _same(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_controlnets_load_by_name_from_a1111_and_comfyui_trees(model, controlnet, tmp_path):
+    a1111 = tmp_path / "webui" / "models"
+    (a1111 / "Stable-diffusion").mkdir(parents=True)
+    (a1111 / "ControlNet").mkdir()
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, a1111 / "ControlNet" / "depth.safetensors")
+    comfy = tmp_path / "ComfyUI" / "models"
+    (comfy / "checkpoints").mkdir(parents=True)
+    controlnet.save_pretrained(comfy / "controlnet" / "canny")
+    folders = ModelFolders([str(tmp_path / "webui"), str(tmp_path / "ComfyUI")])
+    for name in ("depth", "canny"):
+        loaded = controlnets.load(name, model, folders, CPU, F32)
+        assert _same(loaded, controlnet), name
+    assert _same(controlnets.load("tiny", model, None, CPU, F32), controlnet)
+
+
+def test_a_controlnet_for_another_model_family_is_refused_with_the_reason(controlnet, tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, path)
+    xl = registry.load("tiny-xl", CPU, F32)
+    with pytest.raises(ModelError, match="another model family"):
+        controlnets.load(str(path), xl, None, CPU, F32)
+
+
+def test_what_cannot_be_read_as_a_controlnet_says_so(model, tmp_path):
+    ldm = tmp_path / "control_sd15_canny.safetensors"
+    save_file({"control_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, ldm)
+    with pytest.raises(ModelError, match="original .* layout"):
+        controlnets.load(str(ldm), model, None, CPU, F32)
+    other = tmp_path / "lora.safetensors"
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ModelError, match="not a ControlNet"):
+        controlnets.load(str(other), model, None, CPU, F32)
+    with pytest.raises(ModelError, match="not found"):
+        controlnets.load("nope", model, ModelFolders([str(tmp_path)]), CPU, F32)

@@ -463,7 +463,6 @@ def doctor(settings: Settings) -> str:
 
     from engines.backends import tensorrt
     from engines.backends.tensorrt import build
-    from engines.backends.tensorrt.cache import EngineCache
 
     lines = [f"python {platform.python_version()} on {platform.system()} {platform.machine()}",
              f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}"]
@@ -487,7 +486,7 @@ def doctor(settings: Settings) -> str:
         "torch" if settings.backend == TORCH else
         ("TensorRT engines where built, else torch while they build" if version and cuda else
          "torch (TensorRT cannot run here)" if settings.backend == "auto" else "refused: TensorRT cannot run here")))
-    cache = EngineCache(engine_dir(settings))
+    cache = engine_cache(settings)
     records = cache.records()
     lines.append(f"engines in {cache.root}: {len(records) or 'none'}")
     for plan, record in records:

@@ -24,7 +24,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from diffusers import AutoencoderKL, ControlNetModel  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from bridge import config  # noqa: E402
@@ -41,19 +41,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def bundle():
     return tiny.build_bundle()
-
-
-def tiny_controlnet(unet) -> ControlNetModel:
-    """A ControlNet of the tiny UNet whose zero-initialised convolutions are given values, so that its
-    residuals are not all zeros (a test of them would pass for any graph)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32)).eval()
-        with torch.no_grad():
-            for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                           controlnet.controlnet_cond_embedding.conv_out]:
-                module.weight.normal_(0, 0.2)
-    return controlnet
 
 
 def tiny_kl_vae() -> Autoencoder:
@@ -74,7 +61,7 @@ def components(bundle):
         "taesd-decoder": export.autoencoder_components(bundle.autoencoder)[1],
         "vae-encoder": export.autoencoder_components(tiny_kl_vae())[0],
         "vae-decoder": export.autoencoder_components(tiny_kl_vae())[1],
-        "controlnet": export.controlnet_component(tiny_controlnet(bundle.unet)),
+        "controlnet": export.controlnet_component(tiny.build_controlnet()),
     }
 
 
@@ -147,7 +134,7 @@ def test_a_float16_export_keeps_float16_tensors_for_strongly_typed_engines(tmp_p
 
 
 def test_residual_shapes_are_the_shapes_a_controlnet_produces(bundle):
-    controlnet = tiny_controlnet(bundle.unet)
+    controlnet = tiny.build_controlnet()  # the tiny UNet's layout, zero convolutions given values
     component = export.controlnet_component(controlnet)
     inputs = component.sample_inputs(Profile(2, 96, 64), CPU)
     with torch.no_grad():

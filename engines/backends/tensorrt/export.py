@@ -305,7 +305,7 @@ def clean(source: Path, target: Path) -> list[str]:
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         done.append("constants folded, unused nodes removed (onnx-graphsurgeon, polygraphy)")
-    large = model.ByteSize() > _PROTOBUF_LIMIT if not _has_external_data(model) else True
+    large = _has_external_data(model) or model.ByteSize() > _PROTOBUF_LIMIT
     if not large:
         model = onnx.shape_inference.infer_shapes(model)
         done.append("shapes inferred")

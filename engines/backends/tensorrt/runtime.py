@@ -150,7 +150,7 @@ class Engine:
                          for i in range(self.engine.num_optimization_profiles)]
         memory.reserve(max(self.engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self.profiles))))
         self._bindings: dict[tuple, _Binding] = {}
-        self._stream = torch.cuda.Stream(memory.device)
+        self.stream = torch.cuda.Stream(memory.device)  # the engine's own, off the legacy default stream
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Run after the work already on torch's current CUDA stream (and before what comes next on it);
@@ -176,7 +176,7 @@ class Engine:
             context.set_tensor_address(name, tensor.data_ptr())
         current = torch.cuda.current_stream(self.memory.device)
         capturing = torch.cuda.is_current_stream_capturing()
-        stream = current if capturing or current.cuda_stream != 0 else self._stream
+        stream = current if capturing or current.cuda_stream != 0 else self.stream
         if stream is not current:
             stream.wait_stream(current)
         if not context.execute_async_v3(stream.cuda_stream):
@@ -193,11 +193,11 @@ class Engine:
             context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             self.memory.in_use = True
             context.set_device_memory(self.memory.buffer.data_ptr(), self.memory.size)
-            context.set_optimization_profile_async(index, self._stream.cuda_stream)
+            context.set_optimization_profile_async(index, self.stream.cuda_stream)
             for name in self.inputs:
                 if not context.set_input_shape(name, shapes[name]):
                     raise EngineError(f"the {self.name} engine refused shape {shapes[name]} for {name}")
-            self._stream.synchronize()
+            self.stream.synchronize()
             outputs = {name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name],
                                          device=self.memory.device) for name in self.outputs}
         return _Binding(context, outputs)
@@ -219,6 +219,7 @@ class LoraRefit:
         self.by_onnx = {onnx_name: (torch_name, transposed) for onnx_name, (torch_name, transposed)
                         in refit_map.items()}
         self.onnx_path = onnx_path
+        self._graph_weights: dict[str, Any] | None = None  # the ONNX graph's initializers, read when first needed
         self.changed: set[str] = set()  # torch names refit away from their base weights
         self.last_s = 0.0
 
@@ -252,7 +253,7 @@ class LoraRefit:
             give(onnx_name, weight)
         for onnx_name in refitter.get_missing_weights():  # partners TensorRT combined with a changed weight
             give(onnx_name, self._base_weight(unet, onnx_name))
-        stream = self.engine._stream
+        stream = self.engine.stream
         stream.wait_stream(torch.cuda.current_stream(self.engine.memory.device))
         with torch.cuda.device(self.engine.memory.device):
             ok = refitter.refit_cuda_engine_async(stream.cuda_stream)
@@ -270,13 +271,15 @@ class LoraRefit:
             return weight.t() if transposed else weight
         if self.onnx_path is None:
             raise EngineError(f"the refit needs weight {onnx_name}, which no torch weight matches")
-        import onnx
+        if self._graph_weights is None:  # read once: a graph's base values never change
+            import onnx
+            self._graph_weights = {initializer.name: initializer
+                                   for initializer in onnx.load(str(self.onnx_path)).graph.initializer}
+        initializer = self._graph_weights.get(onnx_name)
+        if initializer is None:
+            raise EngineError(f"the refit needs weight {onnx_name}, which the ONNX graph does not have")
         from onnx import numpy_helper
-        model = onnx.load(str(self.onnx_path))
-        for initializer in model.graph.initializer:
-            if initializer.name == onnx_name:
-                return torch.from_numpy(numpy_helper.to_array(initializer, base_dir=str(self.onnx_path.parent)).copy())
-        raise EngineError(f"the refit needs weight {onnx_name}, which the ONNX graph does not have")
+        return torch.from_numpy(numpy_helper.to_array(initializer, base_dir=str(self.onnx_path.parent)).copy())
 
 
 def refit_tensors(weights: Mapping[str, torch.Tensor], by_torch: Mapping[str, tuple[str, bool]]

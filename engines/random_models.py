@@ -88,6 +88,17 @@ def build_autoencoder(arch: str, device: torch.device, dtype: torch.dtype, *, fu
     return Autoencoder(_materialise(module, device, dtype, _seed(arch, "vae" if full else "taesd")))
 
 
+def build_controlnet(model: ModelBundle, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A random ControlNet for a random model: the full-size architecture a real ControlNet of its family
+    has (a copy of its UNet's encoder, diffusers' default conditioning embedding), for benchmarks."""
+    from diffusers import ControlNetModel
+
+    _check_arch(model.arch)
+    with torch.device("meta"):
+        module = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
+    return _materialise(module, device, dtype, _seed(model.arch, "controlnet"))
+
+
 def empty_components(arch: str) -> dict[str, torch.nn.Module]:
     """The components of `arch` on the meta device (structure and shapes, no memory): "unet", "vae" (the
     full AutoencoderKL), "text_encoder" and, for SDXL, "text_encoder_2"."""

@@ -1,8 +1,9 @@
 """Diffusers / transformers models -> the original single-file layout, for tests.
 
 Writes what A1111 and ComfyUI users have on disk (the CompVis LDM layout of SD 1.x / 2.x checkpoints,
-Stability's SGM layout of SDXL ones, original VAE files) from diffusers and transformers modules, so
-that engines/checkpoints can be tested without real weights. It is written from the structure of the
+Stability's SGM layout of SDXL ones, original VAE files, lllyasviel's ControlNet layout) from diffusers
+and transformers modules, so that engines/checkpoints and engines/controlnet can be tested without real
+weights. It is written from the structure of the
 models, independently of diffusers' converters (which the loader uses), so that the two check each
 other. Works on meta tensors too: then only the names and shapes mean anything.
 """
@@ -20,6 +21,7 @@ SD1_CLIP = "cond_stage_model.transformer."
 SD2_OPEN_CLIP = "cond_stage_model.model."
 XL_CLIP = "conditioner.embedders.0.transformer."
 XL_OPEN_CLIP = "conditioner.embedders.1.model."
+CONTROLNET = "control_model."
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -69,6 +71,32 @@ def _resnet(rest: str) -> str:
     if name not in _RESNET:
         raise ValueError(f"no original name for resnet weight {rest}")
     return f"{_RESNET[name]}.{param}"
+
+
+def controlnet_to_ldm(controlnet: torch.nn.Module, prefix: str = CONTROLNET) -> dict[str, torch.Tensor]:
+    """A ControlNetModel's weights under the original (cldm) names: its copy of the UNet's encoder as the
+    UNet's (time_embed, label_emb, input_blocks, middle_block), `zero_convs.i.0` for the zero convolution
+    of the i-th down residual, `middle_block_out.0` for the middle one's, and `input_hint_block` for the
+    conditioning embedding. cldm's input_hint_block is one Sequential of convolutions with a SiLU after
+    each but the last (conv, SiLU, conv, SiLU, ..., conv), so the k-th convolution (conv_in, the blocks in
+    order, conv_out) sits at index 2k; zero_convs and middle_block_out hold a single convolution each."""
+    per_block = controlnet.config.layers_per_block + 1
+    last_conv = 1 + len(controlnet.controlnet_cond_embedding.blocks)  # conv_out, after conv_in and the blocks
+    out = {}
+    for key, value in controlnet.state_dict().items():
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(weight|bias)$", key):
+            name = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif m := re.match(r"controlnet_mid_block\.(weight|bias)$", key):
+            name = f"middle_block_out.0.{m[1]}"
+        elif m := re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)$", key):
+            conv = {"conv_in": 0, "conv_out": last_conv}.get(m[1]) if m[2] is None else 1 + int(m[2])
+            name = f"input_hint_block.{2 * conv}.{m[3]}"
+        elif key.startswith("controlnet_"):
+            raise ValueError(f"no original name for ControlNet weight {key}")
+        else:
+            name = _unet_name(key, per_block, {})  # the encoder: a ControlNet has no up blocks
+        out[prefix + name] = value
+    return out
 
 
 def vae_to_ldm(vae: torch.nn.Module, prefix: str = VAE) -> dict[str, torch.Tensor]:

@@ -70,7 +70,8 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
         model = dataclasses.replace(model, autoencoder=model.autoencoder.fallback)
     source = Path(model.source)
     stat = source.stat() if model.source and source.exists() else None
-    return build.targets(model, resolutions=resolutions,
+    controlnets = [runtime.torch_module(c) for c in stream.controlnets if c is not None] if unet else []
+    return build.targets(model, resolutions=resolutions, controlnets=controlnets,
                          unet_batches=unet_batches(current, settings.stream_batch),
                          precision=str(stream.dtype).replace("torch.", ""), device=stream.device,
                          tokens=(stream.prompts.max_length, stream.prompt_tokens if unet else 0), dynamic=settings.engine_dynamic, lora_targets=lora_targets,
@@ -85,6 +86,7 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
     smaller TensorRT workspace)."""
     import torch
 
+    from engines import controlnet as controlnets
     from engines import registry
     from engines.backends import tensorrt
     from engines.backends.tensorrt import build
@@ -110,6 +112,8 @@ def run_build(settings: Settings, initial: Mapping[str, Any], *, onnx_only: bool
                           vae=values.get("vae", "auto"))
     stream = Stream(model, device, dtype, stream_batch=settings.stream_batch,
                     find_lora=lambda name: folders.find("loras", name), allow_pickle=settings.allow_pickle)
+    stream.set_controlnets(controlnets.load_each(settings.controlnets, model, folders, device, dtype,
+                                                 allow_pickle=settings.allow_pickle))
     with torch.inference_mode():
         stream.prepare(stream_settings(Snapshot(0, values)))  # loads the configured LoRAs: their layers go in the key
     targets = engine_targets(settings, stream, values, tensorrt="" if onnx_only else None)

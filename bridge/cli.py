@@ -66,16 +66,17 @@ def _flag_params() -> tuple[params.Param, ...]:
 
 def _add_setting(group: argparse._ActionsContainer, f: dataclasses.Field) -> None:
     kind = type(f.default)
+    flag = f.metadata.get("flag") or _flag(f.name)
     help_text = f"{f.metadata['doc']} (default: {f.default!r})".replace("%", "%%")
     if kind is tuple:  # a list: the flag repeats
-        group.add_argument(_flag(f.name), dest=f.name, action="append", default=None,
+        group.add_argument(flag, dest=f.name, action="append", default=None,
                            metavar=f.metadata.get("metavar") or "TEXT", help=help_text + "; repeatable")
     elif kind is bool:  # a switch: --allow-pickle / --no-allow-pickle
-        group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=help_text)
     else:
         choices = f.metadata.get("choices") or None
-        group.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, default=None,
+        group.add_argument(flag, dest=f.name, type=kind, choices=choices, default=None,
                            metavar=None if choices else (f.metadata.get("metavar") or _METAVAR[kind]),
                            help=help_text)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from engines.preprocess import PASSTHROUGH, PREPROCESSORS
+
 from . import params
 
 if sys.version_info >= (3, 11):
@@ -28,8 +30,11 @@ class ConfigError(ValueError):
     """A config file or flag the daemon cannot use; the message says which and why."""
 
 
-def _setting(default: Any, doc: str, choices: tuple[str, ...] = (), metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "choices": choices, "metavar": metavar})
+def _setting(default: Any, doc: str, choices: tuple[str, ...] = (), metavar: str | None = None,
+             flag: str | None = None) -> Any:
+    """A setting; `flag` names its command-line flag where --<name> reads badly (a list's flag repeats, one
+    item each: --controlnet NAME for `controlnets`)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "metavar": metavar, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,29 @@ class Settings:
     engine_dynamic: bool = _setting(
         False, "Also give each TensorRT engine a dynamic profile (any size from 256x256 to 1024x1024, prompts up to "
         "4 chunks), so a /resolution change runs on the engine at once; static profiles stay the fastest.")
+    controlnets: tuple[str, ...] = _setting(
+        (), "ControlNets to load beside the model, k = 0, 1, ... in this order: names in the models folders' "
+        "ControlNet folders, paths, `tiny` (for the tiny models) or `random` (for random:<arch> models). Each reads "
+        "its control images from the ring sdb_<instance>_cn<k> and is played live as /controlnet/<k>/scale, "
+        "/start and /end.", metavar="NAME", flag="--controlnet")
+    controlnet_preprocess: tuple[str, ...] = _setting(
+        (), "What is done to ControlNet k's control images before it sees them, k by k as in controlnets: "
+        "passthrough (the image is already the map the ControlNet wants: depth, pose, edges made in TouchDesigner) "
+        "or canny (edges found on the GPU); ControlNets without an entry: passthrough.", metavar="NAME",
+        flag="--controlnet-preprocess")
+    canny_low: float = _setting(0.1, "Canny preprocessing: the lower hysteresis threshold, as a fraction of full "
+                                "scale (weaker edges are dropped unless they touch a strong one).")
+    canny_high: float = _setting(0.2, "Canny preprocessing: the upper threshold (edges this strong are always kept).")
+    control_max_age: float = _setting(
+        1.0, "Seconds after which a control ring counts as stale: its writer has sent neither a frame nor a "
+        "heartbeat for that long (a writer that stopped or died). 0: never stale.")
+    control_stale: str = _setting(
+        "last", "What a ControlNet does while its control ring is stale: last (keeps steering with the last good "
+        "control image) or off (stops steering until a fresh frame arrives). A ControlNet that has had no "
+        "control image yet does not steer.", ("last", "off"))
+    control_view: bool = _setting(
+        True, "Write each preprocessed control image into the ring sdb_<instance>_cn<k>_view (in the output "
+        "format), so the performer sees what the ControlNet sees.")
     prompt_cache_size: int = _setting(64, "Prompt embeddings kept for instant recall.")
     log_level: str = _setting("info", "Log level.", ("debug", "info", "warning", "error"))
 
@@ -105,6 +133,8 @@ class Settings:
         if self.engine_dir:
             object.__setattr__(self, "engine_dir", os.path.expanduser(self.engine_dir))
         object.__setattr__(self, "engine_resolutions", tuple(str(r) for r in self.engine_resolutions))
+        object.__setattr__(self, "controlnets", tuple(self.controlnets))
+        object.__setattr__(self, "controlnet_preprocess", tuple(self.controlnet_preprocess))
         for text in self.engine_resolutions:
             parse_resolution(text)
         for f in dataclasses.fields(self):
@@ -121,6 +151,26 @@ class Settings:
         for name in ("max_width", "max_height"):
             if getattr(self, name) < 64:
                 raise ConfigError(f"{name} must be at least 64")
+        self._check_controlnets()
+
+    def _check_controlnets(self) -> None:
+        if len(self.controlnets) > params.MAX_CONTROLNETS:
+            raise ConfigError(f"{len(self.controlnets)} controlnets; at most {params.MAX_CONTROLNETS}")
+        if len(self.controlnet_preprocess) > len(self.controlnets):
+            raise ConfigError(f"controlnet_preprocess has {len(self.controlnet_preprocess)} entries for "
+                              f"{len(self.controlnets)} controlnets: one entry per ControlNet, in their order")
+        for name in self.controlnet_preprocess:
+            if name not in PREPROCESSORS:
+                raise ConfigError(f"controlnet_preprocess {name!r}: expected one of {', '.join(PREPROCESSORS)}")
+        if not 0.0 <= self.canny_low <= self.canny_high <= 1.0:
+            raise ConfigError(f"canny_low = {self.canny_low}, canny_high = {self.canny_high}: expected "
+                              "0 <= canny_low <= canny_high <= 1")
+        if not self.control_max_age >= 0 or math.isinf(self.control_max_age):
+            raise ConfigError("control_max_age must be a number of seconds, at least 0")
+
+    def preprocess(self, k: int) -> str:
+        """ControlNet k's preprocessor."""
+        return self.controlnet_preprocess[k] if k < len(self.controlnet_preprocess) else PASSTHROUGH
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -248,6 +298,12 @@ def render_default_toml() -> str:
             extra.append(f"One of: {', '.join(p.choices)}.")
         lines += [f"# {' '.join([p.doc, *extra])}", f"{p.name} = {_toml_value(p.default)}", ""]
     lines += [
+        "# ---- ControlNet k's scale, start and end (k as in controlnets): a table per ControlNet, played",
+        "# live over OSC as /controlnet/<k>/scale, /start and /end. After every key above, like [lora].",
+        "# [controlnet.0]",
+        "# scale = 0.8",
+        "# end = 0.75",
+        "",
         "# ---- LoRA weights: a table of LoRA names (as `sdbridge models` lists them) and initial weights,",
         "# played live over OSC as /lora/<name>. Must come after every key above (a TOML table ends the top level).",
         "# [lora]",

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Mapping
 
+from engines import controlnet as controlnets
 from engines import prompt_syntax, registry
 from engines.backends import torch_backend
 from engines.bundle import ModelError
@@ -23,6 +24,7 @@ from engines.stream import Stream
 from . import osc, params, shm
 from .builds import EngineService
 from .config import Settings
+from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
 from .state import StateStore
 
@@ -51,11 +53,18 @@ class Daemon:
             raise ModelError(str(e)) from None
         self.styles = prompt_syntax.load_styles(settings.styles_file) if settings.styles_file else {}
         self.name_in, self.name_out = shm.segment_names(settings.instance)
+        for name in settings.controlnets:  # fail fast on a typo, before anything is created
+            controlnets.resolve(name, self.folders)
+        # ControlNet k reads sdb_<instance>_cn<k> and shows what it sees in sdb_<instance>_cn<k>_view
+        self.control_names = [(shm.ring_name(settings.instance, f"cn{k}"), shm.ring_name(settings.instance, f"cn{k}_view"))
+                              for k in range(len(settings.controlnets))]
         self.ring_in: shm.Ring | None = None
         self.ring_out: shm.Ring | None = None
+        self.control_rings: list[shm.Ring] = []  # the cn<k> rings, then the views
         self.loop: RenderLoop | None = None
         self.store: StateStore | None = None
-        initial = {"model": settings.model, **(initial or {})}
+        initial = {"model": settings.model, **{p.name: p.default for p in params.controlnet_params(len(settings.controlnets))},
+                   **(initial or {})}
         self._check_names(params.validate(initial))
         self.store = StateStore(initial, check=self._check_output_fits)
         # torch or TensorRT (refuses to start for backend = tensorrt where TensorRT cannot run)
@@ -85,7 +94,7 @@ class Daemon:
         self.loop = RenderLoop(load_stream=self._load_stream, load_autoencoder=self._load_autoencoder,
                                store=self.store, ring_in=self.ring_in,
                                ring_out=self.ring_out, output=self.output, report_error=self.report_error,
-                               on_serving=self.engines.activate)
+                               on_serving=self.engines.activate, controls=self._control_inputs(capacity))
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="sdbridge-io", daemon=True)
         self._aio_thread.start()
@@ -100,6 +109,25 @@ class Daemon:
                  s.telemetry_host, s.telemetry_port)
         log.info("shared memory: input %s, output %s (%d slots, up to %dx%d)", self.name_in, self.name_out,
                  s.slot_count, s.max_width, s.max_height)
+        for k, (name, view) in enumerate(self.control_names):
+            log.info("controlnet %d (%s, %s): control images in %s%s", k, s.controlnets[k], s.preprocess(k), name,
+                     f", what it sees in {view}" if s.control_view else "")
+
+    def _control_inputs(self, capacity: int) -> ControlInputs:
+        """The ControlNets' rings (created here, removed at stop) and what reads them."""
+        s = self.settings
+        rings = [shm.Ring.create(name, capacity, s.slot_count, writer=False) for name, _ in self.control_names]
+        self.control_rings += rings
+        views: list[shm.Ring | None] = [None] * len(rings)
+        if s.control_view:
+            view_capacity = shm.slot_capacity_for(s.max_width, s.max_height, self.output.channels,
+                                                  self.output.dtype.itemsize)
+            views = [shm.Ring.create(view, view_capacity, s.slot_count) for _, view in self.control_names]
+            self.control_rings += views
+        policy = ControlPolicy(max_age_s=s.control_max_age, stale=s.control_stale, canny_low=s.canny_low,
+                               canny_high=s.canny_high)
+        return ControlInputs(rings, [s.preprocess(k) for k in range(len(rings))], self.device, views=views,
+                             view_format=self.output, policy=policy, report_error=self.report_error)
 
     async def _start_io(self) -> asyncio.DatagramTransport:
         server = osc.OscServer(apply=self.apply, on_error=self.report_error)
@@ -139,7 +167,7 @@ class Daemon:
             if self._aio_thread is not None:
                 self._aio_thread.join(5)
             self._aio.close()
-        for ring in (self.ring_in, self.ring_out):
+        for ring in (self.ring_in, self.ring_out, *self.control_rings):
             if ring is not None:
                 ring.close()
                 ring.unlink()
@@ -148,7 +176,8 @@ class Daemon:
             stats = self.loop.stats
             log.info("served %d frames, skipped %d similar inputs, refused %d messages or frames",
                      stats.frames, stats.skipped, self.errors)
-        log.info("stopped; removed %s and %s", self.name_in, self.name_out)
+        log.info("stopped; removed %s and %s%s", self.name_in, self.name_out,
+                 f" and {len(self.control_rings)} ControlNet rings" if self.control_rings else "")
 
     def __enter__(self) -> "Daemon":
         self.start()
@@ -173,6 +202,11 @@ class Daemon:
                         find_lora=lambda lora: self.folders.find("loras", lora), allow_pickle=s.allow_pickle,
                         report=self.report_error)
         torch_backend.accelerate(stream, self.fast_path)
+        controlnet_modules = controlnets.load_each(s.controlnets, model, self.folders, self.device, self.dtype,
+                                                   allow_pickle=s.allow_pickle, report=self.report_error)
+        for module in filter(None, controlnet_modules):
+            torch_backend.prepare_module(module, self.fast_path)
+        stream.set_controlnets(controlnet_modules)
         self._warm_up(stream)
         if self.fast_path.compile:
             log.info("torch.compile and warm-up took %.1f s", stream.warm_up_s)
@@ -230,6 +264,11 @@ class Daemon:
                     self.folders.find("loras", lora)
         except ModelError as e:
             raise params.ParamError(str(e)) from None
+        count = len(self.settings.controlnets)
+        for name in changes:
+            if name.startswith(params.CONTROLNET_PREFIX) and int(name.split("/")[1]) >= count:
+                raise params.ParamError(f"no ControlNet {name.split('/')[1]}: {count} configured (--controlnet NAME, "
+                                        "one per ControlNet, k from 0)")
         for style in filter(None, (name.strip() for name in changes.get("styles", "").split(","))):
             if style not in self.styles:
                 known = ", ".join(sorted(self.styles)) or "none: set styles_file to an A1111 styles.csv"
@@ -294,6 +333,8 @@ class Daemon:
             t.send("frame", int(stats.frames))
             t.send("skipped", int(stats.skipped))
             t.send("loading", self.loop.loading)
+            for k, status in enumerate(self.loop.controls.status()):
+                t.send(f"controlnet/{k}", status)
 
 
 def _refuse_if_served(name_out: str, instance: str) -> None:

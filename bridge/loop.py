@@ -28,11 +28,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engines.frames import OutputFormat, frame_difference
+from engines.frames import MAX_INPUT_SIDE, OutputFormat, frame_difference
 from engines.stream import TXT2IMG, Stream, StreamSettings
 
 from . import params, shm
 from .background import BackgroundLoad
+from .controls import ControlInputs
 from .state import Snapshot, StateStore
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,13 @@ log = logging.getLogger(__name__)
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
 _STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings) if f.name not in ("loras", "controls"))
 _ERROR_BACKOFF_S = 0.05
-# Longest input side accepted. A frame within the slot's bytes can still be absurdly shaped
-# (2,000,000 x 1), and resizing that costs seconds and gigabytes; no camera or TOP sends one.
-MAX_INPUT_SIDE = 8192
 
 
 def stream_settings(snapshot: Snapshot) -> StreamSettings:
     """The engine's view of a parameter snapshot (the names are the same by design)."""
     loras = tuple(sorted(params.lora_weights(snapshot.values).items()))
-    return StreamSettings(**{name: snapshot[name] for name in _STREAM_FIELDS}, loras=loras)
+    return StreamSettings(**{name: snapshot[name] for name in _STREAM_FIELDS}, loras=loras,
+                          controls=params.controls(snapshot.values))
 
 
 class Stats:
@@ -96,7 +95,8 @@ class RenderLoop:
 
     def __init__(self, *, load_stream: LoadStream, load_autoencoder: LoadAutoencoder, store: StateStore,
                  ring_in: shm.Ring, ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
-                 poll_interval: float = 0.001, on_serving: Callable[[Stream], None] | None = None):
+                 poll_interval: float = 0.001, on_serving: Callable[[Stream], None] | None = None,
+                 controls: ControlInputs | None = None):
         self._load_stream = load_stream
         self._load_autoencoder = load_autoencoder
         self._on_serving = on_serving or (lambda stream: None)  # told on this thread when a stream starts serving
@@ -107,6 +107,7 @@ class RenderLoop:
         self.store = store
         self.ring_in = ring_in
         self.ring_out = ring_out
+        self.controls = controls if controls is not None else ControlInputs([], [], torch.device("cpu"))
         self.output = output
         self.output_flags = (shm.FLAG_BGR if output.bgr else 0) | (shm.FLAG_BOTTOM_LEFT if output.bottom_left else 0)
         self.report_error = report_error
@@ -287,6 +288,7 @@ class RenderLoop:
     def _step(self) -> bool:
         """Render one frame if there is something new to render; False when idle."""
         snap = self._switch(self.store.snapshot())
+        new_control = self.controls.poll()  # also while paused: resuming starts from the newest control image
         if snap["pause"]:
             self.stats.status = PAUSED
             self._take_input()  # keep draining so that resuming starts from the newest frame
@@ -300,16 +302,16 @@ class RenderLoop:
         busy = stream.wants_frame
         every_frame = txt2img and snap["seed"] < 0 and not snap["seeds"]  # new noise each frame
         if txt2img:
-            if not (state_changed or busy or every_frame):
+            if not (state_changed or busy or every_frame or new_control):
                 return False
-        elif self._last_input is None or not (new_input or state_changed or busy):
+        elif self._last_input is None or not (new_input or state_changed or busy or new_control):
             return False
 
         settings = stream_settings(snap)
         if settings != stream.settings and settings != self._refused_settings and not self._prepare(stream, settings):
             # New prompts or LoRA files are being made ready on a worker: until then frames keep coming
             # with what is on screen, stamped with the version that made it.
-            if not (new_input or busy or every_frame) or stream.settings is None:
+            if not (new_input or busy or every_frame or new_control) or stream.settings is None:
                 return False
         else:
             # Whatever happens below, this state and input count as tried: a failure is retried with the
@@ -324,15 +326,16 @@ class RenderLoop:
         if frame is not None:
             raw = staged[1] if staged is not None and staged[0] == frame.seq else stream.staging.upload(frame.pixels)
             threshold = snap["similarity_threshold"]
-            if not (state_changed or busy) and self._similar(raw, threshold):
+            if not (state_changed or busy or new_control) and self._similar(raw, threshold):
                 self.stats.skipped += 1
                 return True
             # the filter's reference: a copy, since staging buffers are reused
             self._rendered_raw = raw.clone() if threshold > 0 else None
         started_ns = time.monotonic_ns()
         engine_started = time.perf_counter()
+        controls = self.controls.images(stream.settings.width, stream.settings.height) if stream.controlnets else ()
         out = stream.launch(raw, self.output, bgr=frame is not None and frame.bgr,
-                            bottom_left=frame is not None and frame.bottom_left, tag=frame)
+                            bottom_left=frame is not None and frame.bottom_left, tag=frame, controls=controls)
         frame = stream.output_tag  # stream batch: the output belongs to an earlier input
         if stream.staging.asynchronous and stream.settings.mode != TXT2IMG and self._take_input():
             # the device is still computing: take the next input and start its upload meanwhile

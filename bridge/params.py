@@ -219,7 +219,7 @@ PARAMS: tuple[Param, ...] = (
 
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 
-# Parameter families: one Param per name under a prefix, made on demand, e.g. lora/<name>.
+# Parameter families: one Param per name under a prefix, made on demand: lora/<name>, controlnet/<k>/<field>.
 LORA_PREFIX = "lora/"
 LORA_RANGE = (-5.0, 5.0)
 
@@ -232,6 +232,41 @@ def lora_param(name: str) -> Param:
                  minimum=LORA_RANGE[0], maximum=LORA_RANGE[1])
 
 
+CONTROLNET_PREFIX = "controlnet/"
+# /controlnet/<k>/<field>: the conditioning scale, and the fractions of the schedule where it acts
+CONTROLNET_FIELDS: dict[str, tuple[float, float, float, str]] = {
+    "scale": (1.0, 0.0, 5.0, "conditioning scale; 0 turns it off without a reload"),
+    "start": (0.0, 0.0, 1.0, "fraction of the steps where it starts acting"),
+    "end": (1.0, 0.0, 1.0, "fraction of the steps where it stops acting (at or below start: it never acts)"),
+}
+MAX_CONTROLNETS = 8
+
+
+def controlnet_param(k: int, field: str) -> Param:
+    """Field `field` (scale, start or end) of ControlNet k (0, 1, ...: the order of the `controlnets` setting)."""
+    if field not in CONTROLNET_FIELDS or not 0 <= k < MAX_CONTROLNETS:
+        raise ParamError(f"unknown parameter {CONTROLNET_PREFIX}{k}/{field}; ControlNet parameters are "
+                         f"controlnet/<k>/{'|'.join(CONTROLNET_FIELDS)} with k from 0")
+    default, low, high, doc = CONTROLNET_FIELDS[field]
+    return Param(f"{CONTROLNET_PREFIX}{k}/{field}", float, default, f"ControlNet {k}: {doc}.", minimum=low,
+                 maximum=high)
+
+
+def controlnet_params(count: int) -> tuple[Param, ...]:
+    """Every parameter of `count` ControlNets, k by k."""
+    return tuple(controlnet_param(k, field) for k in range(count) for field in CONTROLNET_FIELDS)
+
+
+def controls(values: Mapping[str, Any]) -> tuple[tuple[float, float, float], ...]:
+    """(scale, start, end) of ControlNets 0, 1, ... in a parameter state, up to the highest k it holds
+    (the daemon's state holds every configured ControlNet's three parameters)."""
+    indices = [int(name.split("/")[1]) for name in values if name.startswith(CONTROLNET_PREFIX)]
+
+    def value(k: int, field: str) -> float:
+        return values.get(f"{CONTROLNET_PREFIX}{k}/{field}", CONTROLNET_FIELDS[field][0])
+    return tuple((value(k, "scale"), value(k, "start"), value(k, "end")) for k in range(max(indices, default=-1) + 1))
+
+
 def defaults() -> dict[str, Any]:
     return {p.name: p.default for p in PARAMS}
 
@@ -239,6 +274,11 @@ def defaults() -> dict[str, Any]:
 def lookup(name: str) -> Param:
     if name.startswith(LORA_PREFIX):
         return lora_param(name[len(LORA_PREFIX):])
+    if name.startswith(CONTROLNET_PREFIX):
+        index, _, field = name[len(CONTROLNET_PREFIX):].partition("/")
+        if not index.isdigit() or len(index) > 2:
+            raise ParamError(f"unknown parameter {name!r}; ControlNet parameters are controlnet/<k>/scale|start|end")
+        return controlnet_param(int(index), field)
     try:
         return BY_NAME[name]
     except KeyError:

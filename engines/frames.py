@@ -17,6 +17,9 @@ import torch.nn.functional as F
 _LUMA = (0.2126, 0.7152, 0.0722)
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _TORCH_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+# Longest side of a client frame accepted. A frame within a ring slot's bytes can still be absurdly shaped
+# (2,000,000 x 1), and resizing that costs seconds and gigabytes; no camera or TOP sends one.
+MAX_INPUT_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class OutputFormat:
 def model_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, height: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """(H, W, C) client pixels already on the device to a (1, 3, height, width) image in [-1, 1]."""
+    image = rgb_image(raw, bgr=bgr, bottom_left=bottom_left, width=width, height=height)
+    return (image * 2.0 - 1.0).to(dtype)
+
+
+def rgb_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, height: int) -> torch.Tensor:
+    """(H, W, C) client pixels already on the device to a float32 (1, 3, height, width) RGB image in [0, 1],
+    top row first: the dtype scaled, grey expanded, alpha dropped, the order and origin undone, resized."""
     image = raw.to(torch.float32)
     scale = _TORCH_SCALE.get(raw.dtype)
     if scale is not None:
@@ -50,8 +60,7 @@ def model_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, 
         downscale = image.shape[2] > height or image.shape[3] > width
         image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False,
                               antialias=downscale)
-    image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
-    return (image * 2.0 - 1.0).to(dtype)
+    return torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
 
 
 def client_pixels(image: torch.Tensor, fmt: OutputFormat) -> torch.Tensor:

@@ -299,19 +299,26 @@ class Stream:
         self._shown = None
         self._in_flight = _InFlight()
 
-    def set_modules(self, *, unet: Callable[..., Any] | None = None, autoencoder: Any = None) -> None:
-        """Swap what runs the UNet and the autoencoder, between frames: stand-ins called like the torch
-        modules (the TensorRT backend's engines), or the torch modules back. The LoRAs, the prompt
-        encoders and the plan stay; CUDA graphs recorded with the old ones are dropped."""
+    def set_modules(self, *, unet: Callable[..., Any] | None = None, autoencoder: Any = None,
+                    controlnets: Sequence[Any] | None = None) -> None:
+        """Swap what runs the UNet, the autoencoder and the ControlNets, between frames: stand-ins called
+        like the torch modules (the TensorRT backend's engines), or the torch modules back (ControlNet k
+        for ControlNet k: as many as set_controlnets set). The LoRAs, the prompt encoders and the plan
+        stay; CUDA graphs recorded with the old ones are dropped."""
         if unet is not None:
             self.unet = unet
         if autoencoder is not None:
             self.model.autoencoder = autoencoder
+        if controlnets is not None:
+            if len(controlnets) != len(self.controlnets):
+                raise ValueError(f"{len(controlnets)} ControlNets for the stream's {len(self.controlnets)}")
+            self.controlnets = tuple(controlnets)
         self._forget_graphs()
 
     def set_controlnets(self, controlnets: Sequence[Any]) -> None:
         """The ControlNets frames may be steered by, index k as in StreamSettings.controls and the
-        `controls` images of a frame; prepare again after this (their per-step scales are part of a plan)."""
+        `controls` images of a frame (None: ControlNet k is not there, say one made for another model
+        family; it never acts); prepare again after this (their per-step scales are part of a plan)."""
         self.controlnets = tuple(controlnets)
         self._forget_graphs()
         self._plan = None
@@ -389,7 +396,7 @@ class Stream:
                      self._batch(steps, controls) if self.stream_batch and len(steps) > 1 else None, latent_shape,
                      self._time_ids(settings) if self.model.xl else None,
                      self._scalar(settings.guidance_scale), self._scalar(settings.delta),
-                     tuple(any(w) for w in controls))
+                     tuple(any(w) and self.controlnets[k] is not None for k, w in enumerate(controls)))
         self._start_transition(previous, plan)
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
                 (plan.steps, plan.latent_shape, plan.settings.mode):

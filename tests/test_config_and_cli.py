@@ -198,3 +198,28 @@ def test_models_with_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
     assert code == 2
     assert err.strip() == (f"sdbridge: models folder {tmp_path / 'nope'} does not exist; give an A1111 "
                            "or ComfyUI install (or its models/ folder) or a folder of checkpoints")
+
+
+def test_controlnets_come_from_a_repeated_flag_with_a_preprocessor_each():
+    args = cli.build_parser().parse_args(["serve", "--controlnet", "tiny", "--controlnet", "depth",
+                                          "--controlnet-preprocess", "canny"])
+    settings, _ = cli._settings_from(args)
+    assert settings.controlnets == ("tiny", "depth")
+    assert [settings.preprocess(k) for k in range(2)] == ["canny", "passthrough"]
+    for bad, message in (({"controlnet_preprocess": ["canny"]}, "one entry per ControlNet"),
+                         ({"controlnets": ["a"], "controlnet_preprocess": ["depth"]}, "expected one of"),
+                         ({"canny_low": 0.5, "canny_high": 0.2}, "canny_low"),
+                         ({"control_stale": "freeze"}, "expected one of")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.Settings(**{key: tuple(v) if isinstance(v, list) else v for key, v in bad.items()})
+
+
+def test_a_controlnet_table_in_the_config_gives_initial_scales_and_survives_a_round_trip(tmp_path):
+    path = tmp_path / "show.toml"
+    path.write_text('controlnets = ["tiny"]\n\n[controlnet.0]\nscale = 0.8\nend = 0.75\n')
+    settings, initial = config.load(path)
+    assert settings.controlnets == ("tiny",)
+    assert initial == {"controlnet/0/scale": 0.8, "controlnet/0/end": 0.75}
+    again = tmp_path / "again.toml"
+    again.write_text(config.to_toml(settings, initial))
+    assert config.load(again) == (settings, initial)

@@ -138,3 +138,17 @@ def test_lora_weights_are_a_family_of_parameters():
         store.apply({"lora/x": 6.0})
     with pytest.raises(ParamError, match="bad LoRA name"):
         params.lookup("lora/")
+
+
+def test_controlnet_scale_start_and_end_are_a_family_of_parameters():
+    store = StateStore({p.name: p.default for p in params.controlnet_params(2)})
+    assert params.controls(store.snapshot().values) == ((1.0, 0.0, 1.0), (1.0, 0.0, 1.0))
+    store.apply({"controlnet/1/scale": 0.4, "controlnet/1/end": 0.5})
+    assert params.controls(store.snapshot().values) == ((1.0, 0.0, 1.0), (0.4, 0.0, 0.5))
+    assert params.controls(params.defaults()) == ()  # no ControlNet configured
+    with pytest.raises(ParamError, match="out of range"):
+        store.apply({"controlnet/0/start": 1.5})
+    for bad in ("controlnet/0/weight", "controlnet/x/scale", "controlnet/0", "controlnet/123/scale",
+                f"controlnet/{params.MAX_CONTROLNETS}/scale"):
+        with pytest.raises(ParamError, match="unknown parameter"):
+            params.lookup(bad)

@@ -372,9 +372,11 @@ def test_a_shape_no_profile_takes_runs_on_torch_and_is_reported_once(bundle, tmp
     torch.testing.assert_close(got, expected)
 
 
-def test_a_unet_engine_takes_the_controlnet_residuals_of_a_steered_stream(tmp_path):
-    model = tiny.build_bundle()
-    controlnet = tiny.build_controlnet()
+def _steered_stream(arch: str = "tiny"):
+    """A guided two-step stream of `arch` steered by its tiny ControlNet, with a frame's inputs and the
+    frame torch renders from them."""
+    model = tiny.build_bundle(arch)
+    controlnet = tiny.build_controlnet(xl=arch == "tiny-xl")
     settings = StreamSettings(prompt="a cat", seed=3, strength=0.7, steps=2, width=64, height=64,
                               guidance_scale=2.0, cfg_type="full", controls=((0.9, 0.0, 1.0),))
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -382,11 +384,15 @@ def test_a_unet_engine_takes_the_controlnet_residuals_of_a_steered_stream(tmp_pa
     stream = Stream(model, CPU, torch.float32)
     stream.set_controlnets([controlnet])
     stream.prepare(settings)
-    expected = stream.render(image, controls=[control])
-    engine = OnnxEngine(exported(export.unet_component(model.unet, controlnet_inputs=True), tmp_path))
+    return stream, controlnet, image, control, stream.render(image, controls=[control])
+
+
+def test_a_unet_engine_takes_the_controlnet_residuals_of_a_steered_stream(tmp_path):
+    stream, _, image, control, expected = _steered_stream()
+    unet = stream.model.unet
+    engine = OnnxEngine(exported(export.unet_component(unet, controlnet_inputs=True), tmp_path))
     missing = []
-    stream.set_modules(unet=runtime.TrtUNet(engine, model.unet, on_missing=missing.append))
-    stream.prepare(settings)
+    stream.set_modules(unet=runtime.TrtUNet(engine, unet, on_missing=missing.append))
     got = stream.render(image, controls=[control])
     assert engine.calls == 2 and not missing
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -549,6 +555,62 @@ def test_settings_for_a_child_build_round_trip_through_toml(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.parametrize("arch", ["tiny", "tiny-xl"])
+def test_controlnet_engines_steer_a_stream_as_the_torch_controlnets_do(arch, tmp_path):
+    """TrtControlNet gives the stream what the torch ControlNet gives (SD- and SDXL-shaped, guided), and
+    its residuals go into a UNet engine's residual inputs."""
+    stream, controlnet, image, control, expected = _steered_stream(arch)
+    model = stream.model
+    unet_engine = OnnxEngine(exported(export.unet_component(model.unet, controlnet_inputs=True), tmp_path / "unet"))
+    controlnet_engine = OnnxEngine(exported(export.controlnet_component(controlnet), tmp_path / "controlnet"))
+    missing = []
+    stream.set_modules(unet=runtime.TrtUNet(unet_engine, model.unet, on_missing=missing.append),
+                       controlnets=[runtime.TrtControlNet(controlnet_engine, controlnet, on_missing=missing.append)])
+    got = stream.render(image, controls=[control])
+    assert controlnet_engine.calls == 2 and unet_engine.calls == 2 and not missing
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    runtime.detach(stream)
+    assert stream.controlnets == (controlnet,) and stream.unet is model.unet
+
+
+def test_a_controlnet_shape_no_profile_takes_runs_on_torch_and_is_reported_once(tmp_path):
+    controlnet = tiny.build_controlnet()
+    engine = OnnxEngine(exported(export.controlnet_component(controlnet), tmp_path), covers=lambda shapes: False)
+    missing = []
+    stand_in = runtime.TrtControlNet(engine, controlnet, on_missing=missing.append)
+    inputs = export.controlnet_component(controlnet).sample_inputs(Profile(1, 64, 64), CPU, seed=2)
+    for _ in range(2):
+        down, mid = stand_in(*inputs[:4], conditioning_scale=1.0)
+    with torch.no_grad():
+        expected_down, expected_mid = controlnet(*inputs[:4], conditioning_scale=1.0, return_dict=False)
+    torch.testing.assert_close(mid, expected_mid)
+    for got, expected in zip(down, expected_down, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert engine.calls == 0 and len(missing) == 1 and "ControlNet" in missing[0]
+
+
+def test_controlnets_take_only_engines_built_from_their_own_weights(tmp_path):
+    controlnet, other = tiny.build_controlnet(), tiny.build_controlnet()
+    with torch.no_grad():
+        other.controlnet_mid_block.weight.add_(0.1)
+    engine = OnnxEngine(exported(export.controlnet_component(controlnet), tmp_path))
+    loaded = runtime.Loaded({}, None, {}, None, [], {cache.weights_fingerprint(controlnet): engine})
+    missing = []
+    assert isinstance(runtime._controlnet_on(loaded, 0, controlnet, missing.append), runtime.TrtControlNet)
+    assert runtime._controlnet_on(loaded, 1, other, missing.append) is other
+    assert runtime._controlnet_on(loaded, 2, None, missing.append) is None
+    assert missing == ["ControlNet 1 (no engine of its weights)"]
+
+
+def test_a_build_with_controlnets_gives_the_unet_residual_inputs_and_each_controlnet_a_graph(tmp_path):
+    result = sdbridge("build", "--model", "tiny", "--controlnet", "tiny", "--onnx-only", "--engine-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    folders = {p.name.split("-")[0]: p for p in (tmp_path / "onnx").iterdir()}
+    assert sorted(folders) == ["controlnet", "unet", "vae_decoder", "vae_encoder"]
+    unet_inputs = [i.name for i in onnx.load(str(folders["unet"] / "clean.onnx")).graph.input]
+    assert "mid_block_res" in unet_inputs and "down_block_res_0" in unet_inputs
+
+
 def _gpu_with_tensorrt() -> bool:
     return tensorrt.installed() and torch.cuda.is_available()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -449,16 +449,76 @@ class TrtAutoencoder:
             self.on_missing(what)
 
 
+class TrtControlNet:
+    """Called like a diffusers ControlNetModel (the call engines.stream makes), run by an engine; torch
+    runs a shape no profile takes, and everything from the first engine failure on."""
+
+    def __init__(self, engine: Engine, fallback: torch.nn.Module, on_missing: Callable[[str], None] | None = None):
+        self.engine: Engine | None = engine
+        self.fallback = fallback
+        self.on_missing = on_missing or (lambda what: None)
+        self._scales: dict[float, torch.Tensor] = {}
+        self._reported: set[tuple] = set()
+
+    @property
+    def config(self) -> Any:
+        return self.fallback.config
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, added_cond_kwargs: dict | None = None,
+                 return_dict: bool = False, **kwargs: Any) -> Any:
+        if self.engine is not None:
+            batch = sample.shape[0]
+            inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(batch),
+                      "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond,
+                      "conditioning_scale": self._scale(float(conditioning_scale), sample.device)}
+            if added_cond_kwargs is not None:
+                inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
+            try:
+                out = self.engine.run(inputs)
+            except EngineError as e:  # torch serves from now on; the show goes on
+                self.engine, out = None, None
+                log.error("a ControlNet runs on torch: %s", e)
+                self.on_missing(f"the ControlNet engine failed ({e})")
+            else:
+                if out is None:
+                    self._report_once(tuple(sample.shape), f"ControlNet at latent {tuple(sample.shape)}, prompt "
+                                                           f"{encoder_hidden_states.shape[1]} tokens")
+            if out is not None:
+                # The engine's buffers, overwritten by its next call: the stream scales them into new
+                # tensors at once, before it calls this ControlNet again.
+                names = sorted((n for n in out if n.startswith("down_block_res_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+                return [out[n] for n in names], out["mid_block_res"]
+        return self.fallback(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                             added_cond_kwargs=added_cond_kwargs, return_dict=False, **kwargs)
+
+    def _scale(self, value: float, device: torch.device) -> torch.Tensor:
+        # made once per value, outside any CUDA graph capture: the stream always passes 1.0 and scales the
+        # residuals itself with live device tensors
+        scale = self._scales.get(value)
+        if scale is None:
+            scale = self._scales[value] = torch.full((1,), value, dtype=torch.float32, device=device)
+        return scale
+
+    def _report_once(self, key: tuple, what: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning("no ControlNet engine profile takes the %s: it runs on torch", what)
+            self.on_missing(what)
+
+
 # ---------------------------------------------------------------------------------------- attach
 @dataclass
 class Loaded:
     """A stream's engines, read and deserialized (the slow part, done on any thread)."""
 
-    engines: dict[str, Engine]
+    engines: dict[str, Engine]  # by component, ControlNets apart
     memory: ActivationMemory
     refit_map: dict[str, tuple[str, bool]]
     onnx_path: Any
     records: list[EngineRecord]
+    controlnets: dict[str, Engine] = field(default_factory=dict)  # by the weights fingerprint of each ControlNet
 
 
 def load(cache: EngineCache, records: Sequence[EngineRecord], device: torch.device) -> Loaded:
@@ -469,13 +529,19 @@ def load(cache: EngineCache, records: Sequence[EngineRecord], device: torch.devi
 
     trt = load_tensorrt()
     memory = ActivationMemory(device)
-    engines = {record.key.component: Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
-               for record in records if record.key.component != CONTROLNET}  # ControlNets: the ControlNet code's
+    engines, controlnets = {}, {}
+    for record in records:
+        engine = Engine(trt, cache.plan(record.key).read_bytes(), record, memory)
+        if record.key.component == CONTROLNET:
+            controlnets[record.key.weights] = engine
+        else:
+            engines[record.key.component] = engine
     unet = engines[UNET].record if UNET in engines else None
     refit_map = {}
     if unet is not None and unet.refittable:
         refit_map = {k: tuple(v) for k, v in json.loads(cache.refit_map(unet.key).read_text()).items()}
-    return Loaded(engines, memory, refit_map, cache.cleaned(unet.key) if unet is not None else None, list(records))
+    return Loaded(engines, memory, refit_map, cache.cleaned(unet.key) if unet is not None else None, list(records),
+                  controlnets)
 
 
 @dataclass
@@ -506,7 +572,8 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
         torch_autoencoder = torch_autoencoder.fallback
     unet = TrtUNet(engines[UNET], stream.model.unet, refit, on_missing)
     autoencoder = _autoencoder_on(loaded, torch_autoencoder, on_missing)
-    stream.set_modules(unet=unet, autoencoder=autoencoder)
+    controlnets = [_controlnet_on(loaded, k, module, on_missing) for k, module in enumerate(stream.controlnets)]
+    stream.set_modules(unet=unet, autoencoder=autoencoder, controlnets=controlnets)
     try:
         if stream.loras is not None:
             unet.weights_changed()
@@ -514,7 +581,8 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
         detach(stream)
         raise
     log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
-             ", ".join(engines), loaded.memory.size / 2**20)
+             ", ".join([*engines, *(f"controlnet {k}" for k, c in enumerate(controlnets) if isinstance(c, TrtControlNet))]),
+             loaded.memory.size / 2**20)
     return Attached(unet, autoencoder, loaded)
 
 
@@ -546,8 +614,29 @@ def _autoencoder_on(loaded: Loaded, fallback: Any, on_missing: Callable[[str], N
     return TrtAutoencoder(parts[VAE_ENCODER], parts[VAE_DECODER], fallback, on_missing)
 
 
+def _controlnet_on(loaded: Loaded, k: int, module: Any, on_missing: Callable[[str], None] | None) -> Any:
+    """ControlNet k on its engine if one was built from its very weights; else the torch module."""
+    from .cache import weights_fingerprint
+
+    if isinstance(module, TrtControlNet):
+        module = module.fallback
+    if module is None:
+        return None
+    engine = loaded.controlnets.get(weights_fingerprint(module))
+    if engine is None:
+        log.warning("no engine was built for ControlNet %d: it runs on torch", k)
+        if on_missing is not None:
+            on_missing(f"ControlNet {k} (no engine of its weights)")
+        return module
+    return TrtControlNet(engine, module, on_missing)
+
+
+def torch_module(module: Any) -> Any:
+    """The torch module behind a stand-in (TrtUNet, TrtAutoencoder, TrtControlNet), or `module` itself."""
+    return module.fallback if isinstance(module, (TrtUNet, TrtAutoencoder, TrtControlNet)) else module
+
+
 def detach(stream: Any) -> None:
-    """Give the stream its torch UNet and autoencoder back (between frames, on the render thread)."""
-    autoencoder = stream.model.autoencoder
-    stream.set_modules(unet=stream.model.unet,
-                       autoencoder=autoencoder.fallback if isinstance(autoencoder, TrtAutoencoder) else autoencoder)
+    """Give the stream its torch UNet, autoencoder and ControlNets back (between frames, on the render thread)."""
+    stream.set_modules(unet=stream.model.unet, autoencoder=torch_module(stream.model.autoencoder),
+                       controlnets=[torch_module(c) for c in stream.controlnets])

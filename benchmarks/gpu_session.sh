@@ -16,3 +16,6 @@ export PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -x tests/test_fast_path.py 2>&1 | tee "$out/tests.txt" | tail -3
 timeout 400 python3 benchmarks/fast_path.py --targets --ablation --seconds 6 --timeout 150 \
   --json-out "$out/bench.json" 2>"$out/bench-progress.txt" | tee "$out/bench.md"
+# What a full-size SD 1.5 ControlNet costs per frame (random:sd15 + random ControlNet, 512x512)
+timeout 150 python3 benchmarks/controlnet_cost.py --seconds 4 --json-out "$out/controlnet.json" \
+  2>"$out/controlnet-progress.txt" | tee "$out/controlnet.md"

@@ -109,9 +109,12 @@ class Settings:
         "passthrough (the image is already the map the ControlNet wants: depth, pose, edges made in TouchDesigner) "
         "or canny (edges found on the GPU); ControlNets without an entry: passthrough.", metavar="NAME",
         flag="--controlnet-preprocess")
-    canny_low: float = _setting(0.1, "Canny preprocessing: the lower hysteresis threshold, as a fraction of full "
-                                "scale (weaker edges are dropped unless they touch a strong one).")
-    canny_high: float = _setting(0.2, "Canny preprocessing: the upper threshold (edges this strong are always kept).")
+    canny_low: float = _setting(0.1, "Canny preprocessing: the lower hysteresis threshold, as a fraction of the "
+                                "strongest edge (a black-to-white step; 0.1 is A1111's 100 on 8-bit images). Weaker "
+                                "edges are dropped; edges between canny_low and canny_high stay where they touch a "
+                                "strong one.")
+    canny_high: float = _setting(0.2, "Canny preprocessing: the upper threshold, likewise (0.2 is A1111's 200); "
+                                 "edges this strong always stay.")
     control_max_age: float = _setting(
         1.0, "Seconds after which a control ring counts as stale: its writer has sent neither a frame nor a "
         "heartbeat for that long (a writer that stopped or died). 0: never stale.")

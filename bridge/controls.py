@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from engines.frames import MAX_INPUT_SIDE, OutputFormat, client_pixels, rgb_image
-from engines.preprocess import preprocess
+from engines.preprocess import preprocess, require
 
 from . import shm
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 LAST, OFF = "last", "off"  # what a stale ControlNet does
 # telemetry /sdbridge/controlnet/<k>: no image yet, steering with a fresh image, stale
 WAITING, LIVE, STALE = "waiting", "live", "stale"
+# A writer whose rate is close to max_age goes stale and fresh again and again: say so once a while.
+STALE_REPORT_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,14 @@ class _Control:
         self.seq = 0  # the ring's last frame taken
         self.frame: shm.Frame | None = None  # the last good frame's fields (pixels: see raw)
         self.raw: torch.Tensor | None = None  # its pixels on the device
-        self.image: torch.Tensor | None = None  # preprocessed, (1, 3, H, W) in [0, 1] at `size`
-        self.size: tuple[int, int] = (0, 0)
+        self.taken = 0  # frames taken so far: which raw is which
+        self.image: torch.Tensor | None = None  # preprocessed, (1, 3, H, W) in [0, 1]
+        self.made: tuple[int, int, int] | None = None  # (taken, width, height) that `image` was made of
+        self.tried: tuple[int, int, int] | None = None  # the last one tried: a failure is not retried each frame
         self.offered_ns = 0  # when a frame last came by `offer`
         self.stale = False
+        self.stale_reported_ns = 0  # when going stale was last reported
+        self.stale_unreported = 0  # times it went stale since
 
 
 class ControlInputs:
@@ -74,6 +80,8 @@ class ControlInputs:
         self.view_flags = ((shm.FLAG_BGR if view_format.bgr else 0)
                            | (shm.FLAG_BOTTOM_LEFT if view_format.bottom_left else 0))
         self.report_error = report_error
+        for name in set(preprocessors):
+            require(name)
         self._controls = [_Control(k, ring, views[k] if k < len(views) else None, preprocessors[k])
                           for k, ring in enumerate(rings)]
         self._offers: dict[int, shm.Frame] = {}  # the newest frame per ControlNet from `offer`, not taken yet
@@ -84,9 +92,16 @@ class ControlInputs:
 
     def offer(self, k: int, frame: shm.Frame) -> None:
         """A control frame for ControlNet k from another path than its ring (any thread); the render
-        thread takes the newest at its next frame. `frame.pixels` must not be reused by the caller."""
+        thread takes the newest at its next frame. `frame.pixels` must not be reused by the caller.
+        ValueError for a frame that breaks the rules a ring frame keeps."""
         if not 0 <= k < len(self._controls):
             raise ValueError(f"no ControlNet {k}: {len(self._controls)} configured")
+        pixels = frame.pixels
+        if (frame.channels not in shm.CHANNEL_COUNTS or pixels.dtype not in shm.CODE_OF_DTYPE
+                or pixels.shape != (frame.height, frame.width, frame.channels)):
+            raise ValueError(f"a control frame is (height, width, 1|3|4) pixels of uint8, uint16, float16 or "
+                             f"float32 matching its width, height and channels; got {pixels.shape} {pixels.dtype} "
+                             f"for {frame.width}x{frame.height}x{frame.channels}")
         with self._offers_lock:
             self._offers[k] = frame
 
@@ -98,13 +113,12 @@ class ControlInputs:
         changed = False
         now = time.monotonic_ns()
         for c in self._controls:
-            frame = offers.get(c.k)
-            if frame is not None:
+            offered, read = offers.get(c.k), self._read(c)
+            if offered is not None:
                 c.offered_ns = now
-                changed |= self._take(c, frame)
-            frame = self._read(c)
-            if frame is not None:
-                changed |= self._take(c, frame)
+            newest = max((f for f in (offered, read) if f is not None), key=lambda f: f.written_ns, default=None)
+            if newest is not None:
+                changed |= self._take(c, newest)
             changed |= self._check_stale(c, now)
         return changed
 
@@ -116,9 +130,17 @@ class ControlInputs:
             if c.raw is None or (c.stale and self.policy.stale == OFF):
                 out.append(None)
                 continue
-            if c.image is None or c.size != (width, height):
-                self._make_image(c, width, height)
-            out.append(c.image)
+            wanted = (c.taken, width, height)
+            if wanted not in (c.made, c.tried):
+                c.tried = wanted
+                try:
+                    self._make_image(c, width, height)
+                    c.made = wanted
+                except Exception as e:  # a control image must never stop the frames (out of memory, say)
+                    keeping = c.made is not None and c.made[1:] == (width, height)
+                    self.report_error(f"controlnet {c.k}: control image not usable, "
+                                      f"{'keeping the last one' if keeping else 'not steering'}: {type(e).__name__}: {e}")
+            out.append(c.image if c.made is not None and c.made[1:] == (width, height) else None)
         return out
 
     def status(self) -> list[str]:
@@ -148,7 +170,7 @@ class ControlInputs:
             return False
         c.raw = torch.from_numpy(frame.pixels).to(self.device, copy=True)  # the ring buffer is read again
         c.frame = frame
-        c.image = None  # made at the next images(), at the frame's size
+        c.taken += 1  # its image is made at the next images(), at the frame's size
         return True
 
     def _check_stale(self, c: _Control, now: int) -> bool:
@@ -160,20 +182,23 @@ class ControlInputs:
         if stale == c.stale:
             return False
         c.stale = stale
-        if stale:
+        if stale and (not c.stale_reported_ns or (now - c.stale_reported_ns) / 1e9 >= STALE_REPORT_INTERVAL_S):
             then = ("keeping its last control image" if self.policy.stale == LAST
                     else "not steering until a fresh control frame arrives")
+            again = f" (and {c.stale_unreported} more times since the last report)" if c.stale_unreported else ""
             self.report_error(f"controlnet {c.k}: no control frame or heartbeat on {c.ring.name} for over "
-                              f"{max_age:g} s; {then}")
+                              f"{max_age:g} s; {then}{again}")
+            c.stale_reported_ns, c.stale_unreported = now, 0
+        elif stale:
+            c.stale_unreported += 1
         else:
-            log.info("controlnet %d: control frames again on %s", c.k, c.ring.name)
+            log.debug("controlnet %d: control frames again on %s", c.k, c.ring.name)
         return self.policy.stale == OFF
 
     def _make_image(self, c: _Control, width: int, height: int) -> None:
         frame = c.frame
         image = rgb_image(c.raw, bgr=frame.bgr, bottom_left=frame.bottom_left, width=width, height=height)
         c.image = preprocess(c.preprocessor, image, canny_low=self.policy.canny_low, canny_high=self.policy.canny_high)
-        c.size = (width, height)
         if c.view is not None:
             pixels = client_pixels(c.image, self.view_format).cpu().numpy()
             try:

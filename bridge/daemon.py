@@ -56,7 +56,8 @@ class Daemon:
         for name in settings.controlnets:  # fail fast on a typo, before anything is created
             controlnets.resolve(name, self.folders)
         # ControlNet k reads sdb_<instance>_cn<k> and shows what it sees in sdb_<instance>_cn<k>_view
-        self.control_names = [(shm.ring_name(settings.instance, f"cn{k}"), shm.ring_name(settings.instance, f"cn{k}_view"))
+        self.control_names = [(shm.ring_name(settings.instance, f"cn{k}"),
+                               shm.ring_name(settings.instance, f"cn{k}_view") if settings.control_view else None)
                               for k in range(len(settings.controlnets))]
         self.ring_in: shm.Ring | None = None
         self.ring_out: shm.Ring | None = None
@@ -111,19 +112,20 @@ class Daemon:
                  s.slot_count, s.max_width, s.max_height)
         for k, (name, view) in enumerate(self.control_names):
             log.info("controlnet %d (%s, %s): control images in %s%s", k, s.controlnets[k], s.preprocess(k), name,
-                     f", what it sees in {view}" if s.control_view else "")
+                     f", what it sees in {view}" if view else "")
 
     def _control_inputs(self, capacity: int) -> ControlInputs:
         """The ControlNets' rings (created here, removed at stop) and what reads them."""
         s = self.settings
-        rings = [shm.Ring.create(name, capacity, s.slot_count, writer=False) for name, _ in self.control_names]
-        self.control_rings += rings
-        views: list[shm.Ring | None] = [None] * len(rings)
-        if s.control_view:
-            view_capacity = shm.slot_capacity_for(s.max_width, s.max_height, self.output.channels,
-                                                  self.output.dtype.itemsize)
-            views = [shm.Ring.create(view, view_capacity, s.slot_count) for _, view in self.control_names]
-            self.control_rings += views
+        view_capacity = shm.slot_capacity_for(s.max_width, s.max_height, self.output.channels, self.output.dtype.itemsize)
+        rings: list[shm.Ring] = []
+        views: list[shm.Ring | None] = []
+        for name, view in self.control_names:  # each kept as soon as it exists: stop() removes what was made
+            rings.append(shm.Ring.create(name, capacity, s.slot_count, writer=False))
+            self.control_rings.append(rings[-1])
+            views.append(shm.Ring.create(view, view_capacity, s.slot_count) if view else None)
+            if views[-1] is not None:
+                self.control_rings.append(views[-1])
         policy = ControlPolicy(max_age_s=s.control_max_age, stale=s.control_stale, canny_low=s.canny_low,
                                canny_high=s.canny_high)
         return ControlInputs(rings, [s.preprocess(k) for k in range(len(rings))], self.device, views=views,

@@ -289,6 +289,8 @@ class RenderLoop:
         """Render one frame if there is something new to render; False when idle."""
         snap = self._switch(self.store.snapshot())
         new_control = self.controls.poll()  # also while paused: resuming starts from the newest control image
+        if new_control and self.stream is not None:
+            self.stream.refresh()  # stream batch: the frames in flight must catch up with it
         if snap["pause"]:
             self.stats.status = PAUSED
             self._take_input()  # keep draining so that resuming starts from the newest frame

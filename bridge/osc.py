@@ -165,6 +165,8 @@ def describe_addresses() -> Iterable[str]:
     for p in params.PARAMS:
         yield f"/{p.name}"
     yield f"/{params.LORA_PREFIX}<name>"
+    for field in params.CONTROLNET_FIELDS:
+        yield f"/{params.CONTROLNET_PREFIX}<k>/{field}"
     yield from COMPOSITE
     for p in params.PARAMS:
         if p.ranged:

@@ -276,7 +276,7 @@ def lookup(name: str) -> Param:
         return lora_param(name[len(LORA_PREFIX):])
     if name.startswith(CONTROLNET_PREFIX):
         index, _, field = name[len(CONTROLNET_PREFIX):].partition("/")
-        if not index.isdigit() or len(index) > 2:
+        if not (index.isascii() and index.isdigit() and str(int(index)) == index):  # one spelling per k: "1", not "01"
             raise ParamError(f"unknown parameter {name!r}; ControlNet parameters are controlnet/<k>/scale|start|end")
         return controlnet_param(int(index), field)
     try:

@@ -280,15 +280,23 @@ class Stream:
     def warm_up(self, settings: StreamSettings, output: OutputFormat) -> None:
         """Render throw-away frames so that the first real one is not slow: the first call of a model
         pays for kernel selection, memory set-up and (with torch.compile) compilation. Two frames go
-        through the whole per-frame call, so that its CUDA graph is captured too. `warm_up_s` says how
-        long it took (torch.compile's compilation is most of it when it is on)."""
+        through the whole per-frame call, with a grey control image for each ControlNet, so that its
+        CUDA graph is captured too. `warm_up_s` says how long it took (torch.compile's compilation is
+        most of it when it is on)."""
         started = time.perf_counter()
         self.prepare(settings)
         pixels = np.full((settings.height, settings.width, 4), 128, dtype=np.uint8)
+        grey = torch.full((1, 3, settings.height, settings.width), 0.5, device=self.device)
         for _ in range(2):
-            self.render_pixels(pixels, output)
+            self.render_pixels(pixels, output, controls=[grey] * len(self.controlnets))
         self._shown, self._transition, self._in_flight = None, None, _InFlight()
         self.warm_up_s = time.perf_counter() - started
+
+    def refresh(self) -> None:
+        """Something every frame reads changed outside the settings (a new control image): in stream
+        batch, keep wanting frames until those in flight were all made with it."""
+        if self._plan is not None:
+            self._flush = len(self._plan.steps)
 
     def set_autoencoder(self, autoencoder) -> None:
         """Swap the autoencoder (a /vae change); the next frame prepares again with it."""
@@ -401,7 +409,7 @@ class Stream:
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
                 (plan.steps, plan.latent_shape, plan.settings.mode):
             self._in_flight = _InFlight()  # in-flight latents of another schedule or size are useless
-        self._flush = len(plan.steps) - 1
+        self._flush = len(plan.steps)
         self._plan = plan
 
     def _texts(self, settings: StreamSettings) -> tuple[list[tuple[str, float]], str]:

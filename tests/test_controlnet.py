@@ -178,6 +178,29 @@ def test_stream_batch_runs_with_a_controlnet(model, controlnet):
     assert (steered[-1] - unsteered[-1]).abs().max().item() > 1e-2
 
 
+def test_in_stream_batch_a_new_control_image_is_rendered_until_every_frame_in_flight_has_it(model, controlnet):
+    image, control = _images(64)
+    image = image * 2 - 1
+    settings = StreamSettings(prompt="a red fox", seed=3, strength=0.9, steps=3, width=64, height=64,
+                              controls=((1.0, 0.0, 1.0),))
+    new_control = control.flip(2)
+    stream = Stream(model, CPU, F32, stream_batch=True)
+    stream.set_controlnets([controlnet])
+    stream.prepare(settings)
+    for _ in range(4):
+        stream.render(image, controls=[control])
+    assert not stream.wants_frame
+    stream.refresh()  # what the render loop does when a control frame arrives
+    frames = []
+    while stream.wants_frame:
+        frames.append(stream.render(image, controls=[new_control]))
+    settled = Stream(model, CPU, F32, stream_batch=True)
+    settled.set_controlnets([controlnet])
+    settled.prepare(settings)
+    target = [settled.render(image, controls=[new_control]) for _ in range(4)][-1]
+    assert len(frames) == 3 and torch.equal(frames[-1], target)
+
+
 def test_control_weights_follow_diffusers_start_and_end_rule():
     assert control_weights(0.8, 0.0, 1.0, 4) == [0.8] * 4
     assert control_weights(1.0, 0.25, 0.75, 4) == [0.0, 1.0, 1.0, 0.0]

@@ -43,8 +43,17 @@ def _output_of(daemon, frame: np.ndarray = FRAME) -> shm.Frame:
     return daemon.output_after(lambda o: o.frame_id >= fid, timeout=30)
 
 
-def _settled(daemon, after_version: int) -> shm.Frame:
-    return daemon.settled(FRAME, after_version, timeout=30)
+def _apply(daemon, *messages: tuple[str, object], txt2img: bool = False) -> shm.Frame:
+    """Send OSC messages (one change set each) and return an output made under all of them: of FRAME
+    written afterwards, or in txt2img the first output of that state."""
+    since = time.monotonic()
+    version = daemon.telemetry.wait_for("/sdbridge/state_version", since)[0]  # sent after `since`: current
+    for address, value in messages:
+        daemon.send(address, value)
+    target = version + len(messages)
+    if txt2img:
+        return daemon.output_after(lambda o: o.state_version >= target, timeout=30)
+    return daemon.settled(FRAME, target - 1, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -54,39 +63,35 @@ def shared():
     daemon = DaemonProcess("--controlnet", "tiny", "--controlnet-preprocess", "canny",
                            "--control-max-age", "0.3").wait_started()
     writer = _ControlWriter(daemon)
-    yield daemon, writer
+    plain = _output_of(daemon)  # before any control frame: the output with no ControlNet steering
+    yield daemon, writer, plain
     writer.close()
     daemon.stop()
 
 
 @pytest.fixture
 def controlled(shared):
-    """The shared daemon with every parameter a test here plays set back to its default."""
-    daemon, writer = shared
-    for address, value in (("/steps", 1), ("/mode", "img2img"), ("/controlnet/0/scale", 1.0),
-                           ("/controlnet/0/start", 0.0), ("/controlnet/0/end", 1.0)):
-        daemon.send(address, value)
-    time.sleep(0.2)
-    return daemon, writer
+    """The shared daemon with every parameter a test here plays set back to its default, and its
+    output for FRAME before any control frame was written."""
+    daemon, writer, plain = shared
+    _apply(daemon, ("/steps", 1), ("/mode", "img2img"), ("/controlnet/0/scale", 1.0), ("/controlnet/0/start", 0.0),
+           ("/controlnet/0/end", 1.0))
+    return daemon, writer, plain
 
 
 def test_a_control_frame_changes_the_output_and_scale_zero_restores_it(controlled):
-    daemon, writer = controlled
-    assert writer.ring.write_seq == 0, "this test must run first on the shared daemon: no control frame yet"
-    plain = _output_of(daemon)
+    daemon, writer, plain = controlled
     writer.write(_control())
     steered = _output_of(daemon)
     assert not np.array_equal(steered.pixels, plain.pixels)
-    daemon.send("/controlnet/0/scale", 0.0)
-    off = _settled(daemon, steered.state_version)
+    off = _apply(daemon, ("/controlnet/0/scale", 0.0))
     np.testing.assert_array_equal(off.pixels, plain.pixels)  # no reload, and nothing of the control left
-    daemon.send("/controlnet/0/scale", 1.0)
-    again = _settled(daemon, off.state_version)
+    again = _apply(daemon, ("/controlnet/0/scale", 1.0))
     np.testing.assert_array_equal(again.pixels, steered.pixels)
 
 
 def test_a_new_control_frame_alone_renders_the_last_input_again(controlled):
-    daemon, writer = controlled
+    daemon, writer, _ = controlled
     writer.write(_control(period=4))
     first = _output_of(daemon)
     writer.write(_control(period=7))
@@ -95,31 +100,23 @@ def test_a_new_control_frame_alone_renders_the_last_input_again(controlled):
 
 
 def test_start_and_end_choose_the_steps_a_controlnet_acts_at(controlled):
-    daemon, writer = controlled
+    daemon, writer, _ = controlled
     writer.write(_control())
-    daemon.send("/steps", 2)
-    daemon.send("/controlnet/0/scale", 0.0)
-    plain = _settled(daemon, 0)
-    daemon.send("/controlnet/0/scale", 1.0)
-    both = _settled(daemon, plain.state_version)
-    daemon.send("/controlnet/0/end", 0.5)  # the first of two steps only
-    first_only = _settled(daemon, both.state_version)
-    daemon.send("/controlnet/0/start", 0.5)  # start at end: no step is left
-    none = _settled(daemon, first_only.state_version)
+    plain = _apply(daemon, ("/steps", 2), ("/controlnet/0/scale", 0.0))
+    both = _apply(daemon, ("/controlnet/0/scale", 1.0))
+    first_only = _apply(daemon, ("/controlnet/0/end", 0.5))  # the first of two steps only
+    none = _apply(daemon, ("/controlnet/0/start", 0.5))  # start at end: no step is left
     assert len({plain.pixels.tobytes(), both.pixels.tobytes(), first_only.pixels.tobytes()}) == 3
     np.testing.assert_array_equal(none.pixels, plain.pixels)
 
 
 def test_controlnets_steer_txt2img_too(controlled):
-    daemon, writer = controlled
-    daemon.send("/controlnet/0/scale", 0.0)
-    daemon.send("/mode", "txt2img")
-    plain = daemon.output_after(lambda o: o.frame_id == 0, timeout=30)
+    daemon, writer, _ = controlled
     writer.write(_control())
-    daemon.send("/controlnet/0/scale", 1.0)
-    steered = daemon.output_after(lambda o: o.seq > plain.seq and not np.array_equal(o.pixels, plain.pixels),
-                                  timeout=30)
-    assert steered.frame_id == 0
+    plain = _apply(daemon, ("/controlnet/0/scale", 0.0), ("/mode", "txt2img"), txt2img=True)
+    steered = _apply(daemon, ("/controlnet/0/scale", 1.0), txt2img=True)
+    assert plain.frame_id == steered.frame_id == 0
+    assert not np.array_equal(steered.pixels, plain.pixels)
 
 
 def test_a_stale_control_ring_turns_the_controlnet_off_when_configured(daemon_factory):
@@ -141,7 +138,7 @@ def test_a_stale_control_ring_turns_the_controlnet_off_when_configured(daemon_fa
 
 
 def test_a_stale_control_ring_keeps_its_last_image_by_default(controlled):
-    daemon, writer = controlled
+    daemon, writer, _ = controlled
     written = time.monotonic()
     writer.write(_control())
     steered = _output_of(daemon)
@@ -151,7 +148,7 @@ def test_a_stale_control_ring_keeps_its_last_image_by_default(controlled):
 
 
 def test_the_view_ring_shows_what_the_controlnet_sees(controlled):
-    daemon, writer = controlled
+    daemon, writer, _ = controlled
     view = shm.Ring.attach(shm.ring_name(daemon.instance, "cn0_view"))
     fid = writer.write(_control(200, 150))
     _output_of(daemon)
@@ -164,7 +161,7 @@ def test_the_view_ring_shows_what_the_controlnet_sees(controlled):
 
 
 def test_parameters_of_a_controlnet_that_is_not_configured_are_refused(controlled):
-    daemon, _ = controlled
+    daemon, _, _ = controlled
     since = time.monotonic()
     daemon.send("/controlnet/1/scale", 0.5)
     error = daemon.telemetry.wait_for("/sdbridge/error", since)

@@ -191,10 +191,11 @@ def test_canny_finds_the_edges_of_a_square_and_nothing_else():
     assert edges[0, 0, 24:40, 24:40].sum() == 0 and edges[0, 0, :8].sum() == 0
 
 
-def test_canny_thresholds_choose_which_edges_stay():
+def test_canny_thresholds_are_fractions_of_a_full_black_to_white_step():
     image = torch.zeros(1, 3, 64, 64)
-    image[:, :, :, 32:] = 0.05  # a faint step
+    image[:, :, :, 32:] = 0.15  # a step of 15% of full scale
     assert canny(image, 0.1, 0.2).sum() == 0
+    assert canny(image * (1 / 0.15), 0.9, 0.95).sum() > 0  # the full step passes the highest thresholds
     edges = canny(image, 0.05, 0.1)[0, 0]
     assert edges.sum() == 64 and (edges.nonzero()[:, 1] == 31).all()  # one line down the step
 
@@ -204,3 +205,60 @@ def test_passthrough_returns_the_image_and_unknown_preprocessors_are_refused():
     assert preprocess(PASSTHROUGH, image) is image
     with pytest.raises(ValueError, match="unknown preprocessor"):
         preprocess("depth", image)
+
+
+def test_a_control_image_that_fails_to_make_keeps_the_last_one_and_is_not_retried_every_frame(rings, monkeypatch):
+    from bridge import controls
+
+    (ring,), _ = rings()
+    inputs, errors = _inputs([ring])
+    writer = _writer(ring)
+    writer.write(_picture(90))
+    inputs.poll()
+    good = inputs.images(32, 32)[0]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(controls, "preprocess", out_of_memory)
+    writer.write(_picture(10))
+    inputs.poll()
+    assert inputs.images(32, 32)[0] is good and inputs.images(32, 32)[0] is good
+    assert len(errors) == 1 and "keeping the last one" in errors[0] and "out of memory" in errors[0]
+    assert inputs.images(48, 48) == [None]  # the last good one is of another size: no steering
+    assert "not steering" in errors[1]
+    monkeypatch.undo()
+    writer.write(_picture(200))
+    inputs.poll()
+    assert inputs.images(32, 32)[0].max() == pytest.approx(200 / 255)  # the next good frame steers again
+    writer.close()
+
+
+def test_offered_frames_are_checked_and_the_newer_of_an_offer_and_a_ring_frame_wins(rings):
+    (ring,), _ = rings()
+    inputs, _ = _inputs([ring])
+    writer = _writer(ring)
+    writer.write(_picture(50))
+    older = writer.read_latest()
+    writer.write(_picture(200))
+    inputs.offer(0, older)
+    inputs.poll()
+    assert inputs.images(32, 32)[0].max() == pytest.approx(200 / 255)  # the ring's frame is newer
+    bad = shm.Frame(**{**older.__dict__, "width": 7})
+    with pytest.raises(ValueError, match="matching its width"):
+        inputs.offer(0, bad)
+    writer.close()
+
+
+def test_a_writer_that_keeps_going_stale_is_reported_once_in_a_while(rings):
+    (ring,), _ = rings()
+    inputs, errors = _inputs([ring], policy=ControlPolicy(max_age_s=0.05, stale=LAST))
+    writer = _writer(ring)
+    writer.write(_picture(90))
+    for _ in range(3):  # a writer slower than max_age: stale, fresh, stale ...
+        inputs.poll()
+        time.sleep(0.1)
+        inputs.poll()
+        assert inputs.status() == [STALE]
+        writer.heartbeat()
+    assert len(errors) == 1
+    writer.close()

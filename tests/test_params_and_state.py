@@ -149,6 +149,7 @@ def test_controlnet_scale_start_and_end_are_a_family_of_parameters():
     with pytest.raises(ParamError, match="out of range"):
         store.apply({"controlnet/0/start": 1.5})
     for bad in ("controlnet/0/weight", "controlnet/x/scale", "controlnet/0", "controlnet/123/scale",
+                "controlnet/01/scale", "controlnet/\u0661/scale",
                 f"controlnet/{params.MAX_CONTROLNETS}/scale"):
         with pytest.raises(ParamError, match="unknown parameter"):
             params.lookup(bad)

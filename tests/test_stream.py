@@ -223,12 +223,16 @@ def test_stream_batch_outputs_lag_by_steps_minus_one_frames(image):
 
 def test_stream_batch_keeps_rendering_until_a_change_has_reached_every_frame_in_flight(batched, image):
     render(batched, image, steps=3)
-    batched.prepare(StreamSettings(**{**BASE.__dict__, "steps": 3, "prompt": "a blue whale"}))
-    count = 0
+    changed = StreamSettings(**{**BASE.__dict__, "steps": 3, "prompt": "a blue whale"})
+    batched.prepare(changed)
+    frames = []
     while batched.wants_frame:
-        batched.render(image)
-        count += 1
-    assert count == 2
+        frames.append(batched.render(image))
+    settled = Stream(registry.load("tiny", CPU, F32), CPU, F32, stream_batch=True)
+    settled.prepare(changed)
+    target = [settled.render(image) for _ in range(4)][-1]
+    # three frames in flight, so three renders: the last shows a frame made with the change at every step
+    assert len(frames) == 3 and torch.equal(frames[-1], target) and not torch.equal(frames[-2], target)
 
 
 def test_stream_batch_with_one_step_is_the_exact_mode(stream, batched, image):

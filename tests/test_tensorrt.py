@@ -554,7 +554,7 @@ def test_settings_for_a_child_build_round_trip_through_toml(tmp_path):
         config.load(None, {"engine_resolutions": ["768"]})
 
 
-# ---------------------------------------------------------------------------------------- on a GPU
+# ---------------------------------------------------------------------------------------- ControlNet engines
 @pytest.mark.parametrize("arch", ["tiny", "tiny-xl"])
 def test_controlnet_engines_steer_a_stream_as_the_torch_controlnets_do(arch, tmp_path):
     """TrtControlNet gives the stream what the torch ControlNet gives (SD- and SDXL-shaped, guided), and
@@ -611,6 +611,7 @@ def test_a_build_with_controlnets_gives_the_unet_residual_inputs_and_each_contro
     assert "mid_block_res" in unet_inputs and "down_block_res_0" in unet_inputs
 
 
+# ---------------------------------------------------------------------------------------- on a GPU
 def _gpu_with_tensorrt() -> bool:
     return tensorrt.installed() and torch.cuda.is_available()
 

@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bridge.bench import cpu_name  # noqa: E402
+from bridge.bench import cpu_name, percentiles, sync_device  # noqa: E402
 from engines import controlnet, random_models, registry  # noqa: E402
 from engines.backends.torch_backend import TorchOptions, accelerate, prepare_module  # noqa: E402
 from engines.folders import ModelFolders  # noqa: E402
@@ -96,11 +96,6 @@ def parameters(modules: Any) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 @dataclass
 class Run:
     """One row being measured: its own stream (so that, interleaved, each keeps its CUDA graph)."""
@@ -133,10 +128,6 @@ class Bench:
                                     for k in range(2))
         self.output = OutputFormat()
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def hold(self, count: int) -> None:
         """Exactly `count` ControlNets loaded: memory peaks of a row hold no other row's ControlNets."""
         if len(self.loaded) > count:
@@ -156,7 +147,7 @@ class Bench:
         """A stream for the row with its ControlNets and settings, warmed up (and on CUDA its graph captured)."""
         row = run.row
         if measure_memory:
-            self.sync()
+            sync_device(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         stream = Stream(self.model, self.device, self.dtype, stream_batch=self.args.stream_batch)
         accelerate(stream, self.options)
@@ -185,7 +176,7 @@ class Bench:
     def time(self, run: Run, seconds: float, min_frames: int) -> None:
         """render_pixels in a loop for `seconds` (and `min_frames` at least); each call's wall time."""
         done = 0
-        self.sync()
+        sync_device(self.device)
         started = time.perf_counter()
         while True:
             t = time.perf_counter()
@@ -194,7 +185,7 @@ class Bench:
             done += 1
             if time.perf_counter() - started >= seconds and done >= min_frames:
                 break
-        self.sync()
+        sync_device(self.device)
         run.wall += time.perf_counter() - started
 
     def finish(self, run: Run) -> dict[str, Any]:
@@ -205,13 +196,14 @@ class Bench:
             "cfg": "full" if row.guidance > 1 else "none",
             "controlnet_parameters": parameters(self.loaded[:row.controlnets]),
         }
+        ms = percentiles([1e3 * t for t in times])
         if run.error is not None or not times:
             result["error"] = run.error or "no frames timed"
         else:
             result.update({
                 "frames": len(times), "wall_s": run.wall, "warmup_frames": run.warmup_frames,
-                "ms_mean": 1e3 * statistics.fmean(times), "ms_p50": 1e3 * percentile(times, 50),
-                "ms_p99": 1e3 * percentile(times, 99), "fps": len(times) / run.wall,
+                "ms_mean": 1e3 * statistics.fmean(times), "ms_p50": ms.p50_ms, "ms_p99": ms.p99_ms,
+                "fps": len(times) / run.wall,
                 "peak_allocated_bytes": run.peak, "cuda_graph": run.graph,
             })
         run.stream = None  # its graphs and buffers go

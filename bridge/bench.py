@@ -439,16 +439,17 @@ def measure_matmul_tflops(device: Any, dtype: Any, repeats: int = 3) -> float:
         a @ b  # kernel selection, first-touch allocation
         best = math.inf
         for _ in range(repeats):
-            _sync(device)
+            sync_device(device)
             started = time.perf_counter()
             for _ in range(per_run):
                 a @ b
-            _sync(device)
+            sync_device(device)
             best = min(best, (time.perf_counter() - started) / per_run)
     return 2.0 * size**3 / best / 1e12
 
 
-def _sync(device: Any) -> None:
+def sync_device(device: Any) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         import torch
 
@@ -475,7 +476,7 @@ def time_engine(stream: Any, output: Any, frames: Sequence[np.ndarray], seconds:
     call = _engine_call(stream, output, frames)
     for _ in range(3 + stream.settings.steps):  # kernel choice, caches; stream batch: fill the frames in flight
         call()
-    _sync(device)
+    sync_device(device)
     started = time.perf_counter()
     call()
     estimate = time.perf_counter() - started

@@ -63,11 +63,8 @@ def engine_targets(settings: Settings, stream: Any, values: Mapping[str, Any], *
     current = stream_settings(Snapshot(0, dict(values)))
     resolutions = [config.parse_resolution(r) for r in settings.engine_resolutions] or [(current.width, current.height)]
     lora_targets = runtime.lora_targets(stream.model.unet) if unet and stream.loras is not None and stream.loras.loaded else ()
-    model = stream.model
-    if autoencoder is not None:
-        model = dataclasses.replace(model, autoencoder=getattr(autoencoder, "fallback", autoencoder))
-    elif isinstance(model.autoencoder, runtime.TrtAutoencoder):
-        model = dataclasses.replace(model, autoencoder=model.autoencoder.fallback)
+    model = dataclasses.replace(stream.model, autoencoder=runtime.torch_module(
+        autoencoder if autoencoder is not None else stream.model.autoencoder))
     source = Path(model.source)
     stat = source.stat() if model.source and source.exists() else None
     controlnets = [runtime.torch_module(c) for c in stream.controlnets if c is not None] if unet else []

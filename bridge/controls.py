@@ -55,7 +55,7 @@ class _Control:
         self.view = view
         self.preprocessor = preprocessor
         self.buffer = np.empty(ring.slot_capacity, np.uint8)  # ring reads land here: no allocation per read
-        self.seq = 0  # the ring's last frame taken
+        self.reader = shm.NewestFrames(ring)
         self.frame: shm.Frame | None = None  # the last good frame's fields (pixels: see raw)
         self.raw: torch.Tensor | None = None  # its pixels on the device
         self.taken = 0  # frames taken so far: which raw is which
@@ -77,8 +77,7 @@ class ControlInputs:
         self.device = device
         self.policy = policy
         self.view_format = view_format
-        self.view_flags = ((shm.FLAG_BGR if view_format.bgr else 0)
-                           | (shm.FLAG_BOTTOM_LEFT if view_format.bottom_left else 0))
+        self.view_flags = shm.frame_flags(bgr=view_format.bgr, bottom_left=view_format.bottom_left)
         self.report_error = report_error
         for name in set(preprocessors):
             require(name)
@@ -149,18 +148,11 @@ class ControlInputs:
 
     # ------------------------------------------------------------------ internals
     def _read(self, c: _Control) -> shm.Frame | None:
-        ring = c.ring
-        if ring.write_seq < c.seq:
-            c.seq = 0  # a new writer started counting again
         try:
-            frame = ring.read_latest(after_seq=c.seq, into=c.buffer)
+            return c.reader.take(into=c.buffer)
         except shm.RingError as e:
-            c.seq = ring.write_seq  # skip the bad frame, do not report it again
             self.report_error(f"controlnet {c.k}: control frame refused, keeping the last good one: {e}")
             return None
-        if frame is not None:
-            c.seq = frame.seq
-        return frame
 
     def _take(self, c: _Control, frame: shm.Frame) -> bool:
         """The one way in for a control frame, whichever path it came by."""

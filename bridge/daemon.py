@@ -268,9 +268,10 @@ class Daemon:
             raise params.ParamError(str(e)) from None
         count = len(self.settings.controlnets)
         for name in changes:
-            if name.startswith(params.CONTROLNET_PREFIX) and int(name.split("/")[1]) >= count:
-                raise params.ParamError(f"no ControlNet {name.split('/')[1]}: {count} configured (--controlnet NAME, "
-                                        "one per ControlNet, k from 0)")
+            k = params.controlnet_index(name)
+            if k is not None and k >= count:
+                raise params.ParamError(f"no ControlNet {k}: {count} configured (--controlnet NAME, one per "
+                                        "ControlNet, k from 0)")
         for style in filter(None, (name.strip() for name in changes.get("styles", "").split(","))):
             if style not in self.styles:
                 known = ", ".join(sorted(self.styles)) or "none: set styles_file to an A1111 styles.csv"

@@ -109,7 +109,7 @@ class RenderLoop:
         self.ring_out = ring_out
         self.controls = controls if controls is not None else ControlInputs([], [], torch.device("cpu"))
         self.output = output
-        self.output_flags = (shm.FLAG_BGR if output.bgr else 0) | (shm.FLAG_BOTTOM_LEFT if output.bottom_left else 0)
+        self.output_flags = shm.frame_flags(bgr=output.bgr, bottom_left=output.bottom_left)
         self.report_error = report_error
         self.poll_interval = poll_interval
         self.stats = Stats()
@@ -121,7 +121,7 @@ class RenderLoop:
         self._thread = threading.Thread(target=self._run, name="sdbridge-render", daemon=True)
         # what the last output was made of
         self._last_input: shm.Frame | None = None
-        self._last_input_seq = 0
+        self._inputs = shm.NewestFrames(ring_in)
         self._rendered_version = 0
         self._shown_version = 0  # the state version whose settings the stream is prepared with
         self._precompute = BackgroundLoad("sdbridge-prepare")  # prompt encoding and LoRA reads
@@ -377,25 +377,19 @@ class RenderLoop:
 
     def _take_input(self) -> bool:
         """Move the newest input frame, if any is new, into `_last_input`; True if one was taken."""
-        if self.ring_in.write_seq < self._last_input_seq:
-            self._last_input_seq = 0  # the client started counting again (a new ring writer)
+        last = self._last_input
+        busy_buffer = last is not None and np.may_share_memory(last.pixels, self._input_buffers[0])
         try:
-            last = self._last_input
-            busy_buffer = last is not None and np.may_share_memory(last.pixels, self._input_buffers[0])
-            into = self._input_buffers[1 if busy_buffer else 0]
-            frame = self.ring_in.read_latest(after_seq=self._last_input_seq, into=into)
+            frame = self._inputs.take(into=self._input_buffers[1 if busy_buffer else 0])
         except shm.RingError as e:
-            self._last_input_seq = self.ring_in.write_seq  # skip the bad frame, do not report it again
             self.report_error(f"input frame refused: {e}")
             return False
         if frame is None:
             return False
         if frame.width > MAX_INPUT_SIDE or frame.height > MAX_INPUT_SIDE:
-            self._last_input_seq = frame.seq
             self.report_error(f"input frame refused: {frame.width}x{frame.height} has a side over {MAX_INPUT_SIDE}")
             return False
         self._last_input = frame
-        self._last_input_seq = frame.seq
         return True
 
     def _similar(self, raw: torch.Tensor, threshold: float) -> bool:

@@ -257,10 +257,15 @@ def controlnet_params(count: int) -> tuple[Param, ...]:
     return tuple(controlnet_param(k, field) for k in range(count) for field in CONTROLNET_FIELDS)
 
 
+def controlnet_index(name: str) -> int | None:
+    """k of a valid parameter name controlnet/<k>/<field>; None for any other parameter."""
+    return int(name.split("/")[1]) if name.startswith(CONTROLNET_PREFIX) else None
+
+
 def controls(values: Mapping[str, Any]) -> tuple[tuple[float, float, float], ...]:
     """(scale, start, end) of ControlNets 0, 1, ... in a parameter state, up to the highest k it holds
     (the daemon's state holds every configured ControlNet's three parameters)."""
-    indices = [int(name.split("/")[1]) for name in values if name.startswith(CONTROLNET_PREFIX)]
+    indices = [k for k in map(controlnet_index, values) if k is not None]
 
     def value(k: int, field: str) -> float:
         return values.get(f"{CONTROLNET_PREFIX}{k}/{field}", CONTROLNET_FIELDS[field][0])

@@ -331,6 +331,36 @@ class Ring:
         return None
 
 
+class NewestFrames:
+    """A reader that takes each newest frame of a ring once: it remembers the last seq it took, follows
+    a writer that starts counting again (a restarted client), and steps over a frame that breaks the
+    protocol, which is raised once rather than at every read."""
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self.seq = 0  # the last frame taken (or stepped over)
+
+    def take(self, into: np.ndarray | None = None) -> Frame | None:
+        """The newest frame if it is newer than the last one taken, else None (`into`: as read_latest).
+        RingError for a bad frame, which the next take has left behind."""
+        ring = self.ring
+        if ring.write_seq < self.seq:
+            self.seq = 0
+        try:
+            frame = ring.read_latest(after_seq=self.seq, into=into)
+        except RingError:
+            self.seq = ring.write_seq
+            raise
+        if frame is not None:
+            self.seq = frame.seq
+        return frame
+
+
+def frame_flags(*, bgr: bool, bottom_left: bool) -> int:
+    """The slot `flags` of a frame in this channel order and row order."""
+    return (FLAG_BGR if bgr else 0) | (FLAG_BOTTOM_LEFT if bottom_left else 0)
+
+
 def _slot_problem(width: int, height: int, channels: int, code: int, capacity: int) -> str | None:
     dtype = DTYPE_CODES.get(code)
     if dtype is None:

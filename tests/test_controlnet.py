@@ -53,22 +53,33 @@ class _Timesteps(LCMScheduler):
         super().set_timesteps(device=device, timesteps=list(self.fixed))
 
 
+def _scheduler(model, strength: float, steps: int) -> _Timesteps:
+    """The model's LCM scheduler on the timesteps the stream takes for this strength and step count."""
+    scheduler = _Timesteps.from_config(model.scheduler.config)
+    scheduler.fixed = timesteps_for(strength, steps, "img2img")
+    return scheduler
+
+
+def _prepared(model, controlnets, settings, *, stream_batch: bool = False) -> Stream:
+    """A stream of `model` steered by `controlnets`, prepared for `settings`."""
+    stream = Stream(model, CPU, F32, stream_batch=stream_batch)
+    stream.set_controlnets(controlnets)
+    stream.prepare(settings)
+    return stream
+
+
 @pytest.mark.parametrize("strength,steps,guidance,scale,start,end",
                          [(0.6, 2, 1.0, 0.8, 0.0, 1.0), (0.9, 4, 3.0, 1.3, 0.25, 0.75), (0.7, 3, 1.0, 1.0, 0.0, 0.5)])
 def test_controlnet_img2img_matches_diffusers_pipeline(model, controlnet, strength, steps, guidance, scale, start, end):
     image, control = _images()
     settings = StreamSettings(prompt="a red fox in snow", negative_prompt="blurry", seed=7, strength=strength,
                               steps=steps, guidance_scale=guidance, controls=((scale, start, end),))
-    stream = Stream(model, CPU, F32)
-    stream.set_controlnets([controlnet])
-    stream.prepare(settings)
+    stream = _prepared(model, [controlnet], settings)
     ours = stream.render(image * 2 - 1, controls=[control])
 
-    scheduler = _Timesteps.from_config(model.scheduler.config)
-    scheduler.fixed = timesteps_for(strength, steps, "img2img")
     pipe = StableDiffusionControlNetImg2ImgPipeline(
         vae=model.autoencoder.module, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        controlnet=controlnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        controlnet=controlnet, scheduler=_scheduler(model, strength, steps), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt_embeds=stream.prompts.encode(settings.prompt).embeddings,
@@ -90,17 +101,13 @@ def test_sdxl_controlnet_img2img_matches_diffusers_pipeline(xl_model, xl_control
     settings = StreamSettings(prompt="a red fox in snow", negative_prompt="blurry", seed=3, strength=strength,
                               steps=steps, guidance_scale=guidance, width=256, height=256,
                               controls=((scale, start, end),))
-    stream = Stream(model, CPU, F32)
-    stream.set_controlnets([xl_controlnet])
-    stream.prepare(settings)
+    stream = _prepared(model, [xl_controlnet], settings)
     ours = stream.render(image * 2 - 1, controls=[control])
 
-    scheduler = _Timesteps.from_config(model.scheduler.config)
-    scheduler.fixed = timesteps_for(strength, steps, "img2img")
     pipe = StableDiffusionXLControlNetImg2ImgPipeline(
         vae=model.autoencoder.module, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet, controlnet=xl_controlnet,
-        scheduler=scheduler, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
+        scheduler=_scheduler(model, strength, steps), requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
         add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     positive, negative = stream.prompts.encode(settings.prompt), stream.prompts.encode(settings.negative_prompt)
@@ -115,10 +122,7 @@ def test_sdxl_controlnet_img2img_matches_diffusers_pipeline(xl_model, xl_control
 
 
 def _render(model, controlnets, settings, image, controls):
-    stream = Stream(model, CPU, F32)
-    stream.set_controlnets(controlnets)
-    stream.prepare(settings)
-    return stream.render(image, controls=controls)
+    return _prepared(model, controlnets, settings).render(image, controls=controls)
 
 
 def test_a_control_image_steers_the_output_and_scale_zero_restores_it(model, controlnet):
@@ -167,12 +171,9 @@ def test_stream_batch_runs_with_a_controlnet(model, controlnet):
     image = image * 2 - 1
     settings = StreamSettings(prompt="a red fox", seed=3, strength=0.9, steps=3, width=128, height=128,
                               controls=((1.0, 0.0, 1.0),))
-    stream = Stream(model, CPU, F32, stream_batch=True)
-    stream.set_controlnets([controlnet])
-    stream.prepare(settings)
+    stream = _prepared(model, [controlnet], settings, stream_batch=True)
     steered = [stream.render(image, controls=[control]) for _ in range(3)]
-    plain = Stream(model, CPU, F32, stream_batch=True)
-    plain.prepare(settings)
+    plain = _prepared(model, [], settings, stream_batch=True)
     unsteered = [plain.render(image) for _ in range(3)]
     assert all(torch.isfinite(frame).all() for frame in steered)
     assert (steered[-1] - unsteered[-1]).abs().max().item() > 1e-2
@@ -184,9 +185,7 @@ def test_in_stream_batch_a_new_control_image_is_rendered_until_every_frame_in_fl
     settings = StreamSettings(prompt="a red fox", seed=3, strength=0.9, steps=3, width=64, height=64,
                               controls=((1.0, 0.0, 1.0),))
     new_control = control.flip(2)
-    stream = Stream(model, CPU, F32, stream_batch=True)
-    stream.set_controlnets([controlnet])
-    stream.prepare(settings)
+    stream = _prepared(model, [controlnet], settings, stream_batch=True)
     for _ in range(4):
         stream.render(image, controls=[control])
     assert not stream.wants_frame
@@ -194,9 +193,7 @@ def test_in_stream_batch_a_new_control_image_is_rendered_until_every_frame_in_fl
     frames = []
     while stream.wants_frame:
         frames.append(stream.render(image, controls=[new_control]))
-    settled = Stream(model, CPU, F32, stream_batch=True)
-    settled.set_controlnets([controlnet])
-    settled.prepare(settings)
+    settled = _prepared(model, [controlnet], settings, stream_batch=True)
     target = [settled.render(image, controls=[new_control]) for _ in range(4)][-1]
     assert len(frames) == 3 and torch.equal(frames[-1], target)
 

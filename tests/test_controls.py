@@ -39,6 +39,23 @@ def rings():
         ring.unlink()
 
 
+@pytest.fixture
+def control(rings):
+    """One ControlNet on a ring of its own: (its ControlInputs, the errors they reported, the client's
+    writer of the ring), made by control(**ControlInputs keywords)."""
+    writers = []
+
+    def make(**kw):
+        (ring,), _ = rings()
+        inputs, errors = _inputs([ring], **kw)
+        writers.append(_writer(ring))
+        return inputs, errors, writers[-1]
+
+    yield make
+    for writer in writers:
+        writer.close()
+
+
 def _writer(ring: shm.Ring) -> shm.Ring:
     """The client's side of a control ring."""
     return shm.Ring.attach(ring.name)
@@ -57,10 +74,8 @@ def _inputs(controls, preprocessors=None, **kw) -> tuple[ControlInputs, list[str
     return inputs, errors
 
 
-def test_the_newest_control_frame_is_used_at_the_frame_size_in_0_to_1(rings):
-    (ring,), _ = rings()
-    inputs, _ = _inputs([ring])
-    writer = _writer(ring)
+def test_the_newest_control_frame_is_used_at_the_frame_size_in_0_to_1(control):
+    inputs, _, writer = control()
     writer.write(_picture(50))
     writer.write(_picture(200))
     assert inputs.poll()
@@ -69,12 +84,10 @@ def test_the_newest_control_frame_is_used_at_the_frame_size_in_0_to_1(rings):
     torch.testing.assert_close(image[0, :, :6].mean(), torch.tensor(200 / 255))  # rows away from the blended middle
     assert image[0, :, 10:].max() == 0
     assert not inputs.poll()  # nothing new since
-    writer.close()
 
 
-def test_a_controlnet_without_a_control_frame_does_not_steer(rings):
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring], policy=ControlPolicy(max_age_s=0.01))
+def test_a_controlnet_without_a_control_frame_does_not_steer(control):
+    inputs, errors, _ = control(policy=ControlPolicy(max_age_s=0.01))
     time.sleep(0.05)
     assert not inputs.poll()
     assert inputs.images(64, 64) == [None]
@@ -82,17 +95,14 @@ def test_a_controlnet_without_a_control_frame_does_not_steer(rings):
     assert errors == []  # waiting for a first frame is no error
 
 
-def test_origin_and_channel_order_flags_of_a_control_frame_are_undone(rings):
-    (ring,), _ = rings()
-    inputs, _ = _inputs([ring])
-    writer = _writer(ring)
+def test_origin_and_channel_order_flags_of_a_control_frame_are_undone(control):
+    inputs, _, writer = control()
     pixels = _picture(255)
     pixels[: 16, :, 1:] = 0  # top half red
     writer.write(pixels[::-1, :, ::-1].copy(), flags=shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT)  # as TD sends it
     inputs.poll()
     (image,) = inputs.images(48, 32)
     assert image[0, 0, :16].min() == 1 and image[0, 1:, :16].max() == 0 and image[0, :, 16:].max() == 0
-    writer.close()
 
 
 def test_frames_offered_by_another_path_take_the_same_way_as_ring_frames(rings):
@@ -110,10 +120,8 @@ def test_frames_offered_by_another_path_take_the_same_way_as_ring_frames(rings):
     writer.close()
 
 
-def test_a_bad_control_frame_is_refused_and_the_last_good_one_stays(rings):
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring])
-    writer = _writer(ring)
+def test_a_bad_control_frame_is_refused_and_the_last_good_one_stays(control):
+    inputs, errors, writer = control()
     writer.write(_picture(90))
     inputs.poll()
     good = inputs.images(32, 32)[0].clone()
@@ -126,13 +134,10 @@ def test_a_bad_control_frame_is_refused_and_the_last_good_one_stays(rings):
     torch.testing.assert_close(inputs.images(32, 32)[0], good)
     assert not inputs.poll()  # the bad frame is reported once
     assert writer.write(_picture(10)) == seq + 1 and inputs.poll()  # the next good one is used
-    writer.close()
 
 
-def test_a_stale_ring_keeps_the_last_image_under_last(rings):
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring], policy=ControlPolicy(max_age_s=0.1, stale=LAST))
-    writer = _writer(ring)
+def test_a_stale_ring_keeps_the_last_image_under_last(control):
+    inputs, errors, writer = control(policy=ControlPolicy(max_age_s=0.1, stale=LAST))
     writer.write(_picture(90))
     inputs.poll()
     image = inputs.images(32, 32)[0]
@@ -141,13 +146,10 @@ def test_a_stale_ring_keeps_the_last_image_under_last(rings):
     assert inputs.status() == [STALE]
     assert inputs.images(32, 32)[0] is image
     assert len(errors) == 1 and "keeping its last control image" in errors[0]
-    writer.close()
 
 
-def test_a_stale_ring_stops_steering_under_off_until_a_fresh_frame(rings):
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring], policy=ControlPolicy(max_age_s=0.1, stale=OFF))
-    writer = _writer(ring)
+def test_a_stale_ring_stops_steering_under_off_until_a_fresh_frame(control):
+    inputs, errors, writer = control(policy=ControlPolicy(max_age_s=0.1, stale=OFF))
     writer.write(_picture(90))
     inputs.poll()
     time.sleep(0.2)
@@ -157,7 +159,6 @@ def test_a_stale_ring_stops_steering_under_off_until_a_fresh_frame(rings):
     writer.heartbeat()  # the writer is alive again, with the same image
     assert inputs.poll()
     assert inputs.images(32, 32)[0] is not None and inputs.status() == [LIVE]
-    writer.close()
 
 
 def test_each_preprocessed_image_is_written_to_the_view_ring(rings):
@@ -207,12 +208,10 @@ def test_passthrough_returns_the_image_and_unknown_preprocessors_are_refused():
         preprocess("depth", image)
 
 
-def test_a_control_image_that_fails_to_make_keeps_the_last_one_and_is_not_retried_every_frame(rings, monkeypatch):
+def test_a_control_image_that_fails_to_make_keeps_the_last_one_and_is_not_retried_every_frame(control, monkeypatch):
     from bridge import controls
 
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring])
-    writer = _writer(ring)
+    inputs, errors, writer = control()
     writer.write(_picture(90))
     inputs.poll()
     good = inputs.images(32, 32)[0]
@@ -230,13 +229,10 @@ def test_a_control_image_that_fails_to_make_keeps_the_last_one_and_is_not_retrie
     writer.write(_picture(200))
     inputs.poll()
     assert inputs.images(32, 32)[0].max() == pytest.approx(200 / 255)  # the next good frame steers again
-    writer.close()
 
 
-def test_offered_frames_are_checked_and_the_newer_of_an_offer_and_a_ring_frame_wins(rings):
-    (ring,), _ = rings()
-    inputs, _ = _inputs([ring])
-    writer = _writer(ring)
+def test_offered_frames_are_checked_and_the_newer_of_an_offer_and_a_ring_frame_wins(control):
+    inputs, _, writer = control()
     writer.write(_picture(50))
     older = writer.read_latest()
     writer.write(_picture(200))
@@ -246,13 +242,10 @@ def test_offered_frames_are_checked_and_the_newer_of_an_offer_and_a_ring_frame_w
     bad = shm.Frame(**{**older.__dict__, "width": 7})
     with pytest.raises(ValueError, match="matching its width"):
         inputs.offer(0, bad)
-    writer.close()
 
 
-def test_a_writer_that_keeps_going_stale_is_reported_once_in_a_while(rings):
-    (ring,), _ = rings()
-    inputs, errors = _inputs([ring], policy=ControlPolicy(max_age_s=0.05, stale=LAST))
-    writer = _writer(ring)
+def test_a_writer_that_keeps_going_stale_is_reported_once_in_a_while(control):
+    inputs, errors, writer = control(policy=ControlPolicy(max_age_s=0.05, stale=LAST))
     writer.write(_picture(90))
     for _ in range(3):  # a writer slower than max_age: stale, fresh, stale ...
         inputs.poll()
@@ -261,4 +254,3 @@ def test_a_writer_that_keeps_going_stale_is_reported_once_in_a_while(rings):
         assert inputs.status() == [STALE]
         writer.heartbeat()
     assert len(errors) == 1
-    writer.close()

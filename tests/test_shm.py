@@ -172,3 +172,31 @@ def test_read_latest_into_a_buffer_gives_a_view_on_it_and_allocates_nothing(ring
         np.testing.assert_array_equal(frame.pixels, pixels)
     with pytest.raises(ValueError, match="at least"):
         ring.read_latest(into=np.zeros(ring.slot_capacity - 1, np.uint8))
+
+
+def test_newest_frames_takes_each_frame_once_and_follows_a_restarted_writer(ring):
+    reader = shm.NewestFrames(ring)
+    assert reader.take() is None
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=1)
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=2)
+    assert reader.take().frame_id == 2 and reader.take() is None
+    shm._U64.pack_into(ring._shm.buf, 24, 0)  # a new writer: write_seq starts again
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=3)
+    assert reader.take().frame_id == 3
+
+
+def test_newest_frames_raises_a_bad_frame_once_and_steps_over_it(ring):
+    reader = shm.NewestFrames(ring)
+    ring.write(np.zeros((4, 4, 3), np.uint8))
+    off = 64 + ring.latest_slot * (64 + ring.slot_capacity)
+    struct.pack_into("<H", ring._shm.buf, off + 18, 9)  # dtype 9
+    with pytest.raises(shm.RingError, match="dtype code 9"):
+        reader.take()
+    assert reader.take() is None
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=5)
+    assert reader.take().frame_id == 5
+
+
+def test_frame_flags_are_the_protocols_bits():
+    assert shm.frame_flags(bgr=False, bottom_left=False) == 0
+    assert shm.frame_flags(bgr=True, bottom_left=True) == shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT == 3

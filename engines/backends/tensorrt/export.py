@@ -25,7 +25,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -98,6 +98,18 @@ def residual_shapes(unet_config: Any, batch: int, latent_height: int, latent_wid
     return down, (batch, channels[-1], h, w)
 
 
+def residual_names(config: Any) -> tuple[str, ...]:
+    """The tensor names of the ControlNet residuals for this UNet (or ControlNet) config, in the order
+    of residual_shapes: down_block_res_0 .. n, then mid_block_res."""
+    count = len(residual_shapes(config, 1, 8, 8)[0])
+    return (*(f"down_block_res_{i}" for i in range(count)), "mid_block_res")
+
+
+def _residual_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Dynamic axes of residual tensors: the batch, and a height and width of each one's own."""
+    return {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}
+
+
 def _denoiser_inputs(config: Any, latent_factor: int
                      ) -> tuple[bool, tuple[str, ...], Callable[[Profile], dict[str, tuple[int, ...]]], dict]:
     """What a UNet and a ControlNet both take: latents, timestep, text, and SDXL's pooled text and size
@@ -145,25 +157,22 @@ def unet_component(unet: torch.nn.Module, *, controlnet_inputs: bool = False, la
     `mid_block_res`) as inputs: their sum over the active ControlNets, zeros when none is on."""
     config = unet.config
     xl, inputs, base_shapes, axes = _denoiser_inputs(config, latent_factor)
-    n_down = len(residual_shapes(config, 1, 8, 8)[0]) if controlnet_inputs else 0
-    down_names = tuple(f"down_block_res_{i}" for i in range(n_down))
-    if controlnet_inputs:
-        inputs += (*down_names, "mid_block_res")
+    residuals = residual_names(config) if controlnet_inputs else ()
+    inputs += residuals
 
     def shapes(p: Profile) -> dict[str, tuple[int, ...]]:
         out = base_shapes(p)
         batch, _, h, w = out["sample"]
         out["latent"] = (batch, int(config.out_channels), h, w)
-        if controlnet_inputs:
+        if residuals:
             down, mid = residual_shapes(config, batch, h, w)
-            out.update(zip(down_names, down), mid_block_res=mid)
+            out.update(zip(residuals, (*down, mid)))
         return out
 
     axes["latent"] = axes["sample"]
-    for name in (*down_names, "mid_block_res") if controlnet_inputs else ():
-        axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
-    return Component(UNET, _UNet(unet, xl, len(down_names) + 1 if controlnet_inputs else 0), inputs, ("latent",),
-                     shapes, axes, unet.dtype, frozenset({"timestep"}))
+    axes.update(_residual_axes(residuals))
+    return Component(UNET, _UNet(unet, xl, len(residuals)), inputs, ("latent",), shapes, axes, unet.dtype,
+                     frozenset({"timestep"}))
 
 
 # ---------------------------------------------------------------------------------------- ControlNet
@@ -185,8 +194,7 @@ def controlnet_component(controlnet: torch.nn.Module, *, latent_factor: int = 8)
     residual inputs (scaled by the `conditioning_scale` input, shape (1,)) out."""
     config = controlnet.config
     xl, inputs, base_shapes, axes = _denoiser_inputs(config, latent_factor)
-    down_count = len(residual_shapes(config, 1, 8, 8)[0])
-    outputs = (*(f"down_block_res_{i}" for i in range(down_count)), "mid_block_res")
+    outputs = residual_names(config)
     inputs = (*inputs[:3], "controlnet_cond", "conditioning_scale", *inputs[3:])
 
     def shapes(p: Profile) -> dict[str, tuple[int, ...]]:
@@ -198,8 +206,7 @@ def controlnet_component(controlnet: torch.nn.Module, *, latent_factor: int = 8)
         return out
 
     axes["controlnet_cond"] = {0: "batch", 2: "height", 3: "width"}
-    for name in outputs:
-        axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
+    axes.update(_residual_axes(outputs))
     return Component(CONTROLNET, _ControlNet(controlnet, xl), inputs, outputs, shapes, axes, controlnet.dtype,
                      frozenset({"timestep", "conditioning_scale"}))
 

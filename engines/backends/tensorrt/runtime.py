@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -299,6 +299,22 @@ class _UNetOutput:
     sample: torch.Tensor
 
 
+def _denoiser_inputs(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     added_cond_kwargs: dict | None) -> dict[str, torch.Tensor]:
+    """The inputs a UNet and a ControlNet engine both take (export._denoiser_inputs), from a diffusers
+    call: the timestep as float32, one per batch entry, and SDXL's pooled text and size numbers."""
+    inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]),
+              "encoder_hidden_states": encoder_hidden_states}
+    if added_cond_kwargs is not None:
+        inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
+    return inputs
+
+
+def _down_residual_names(names: Iterable[str]) -> list[str]:
+    """The down-block residuals among tensor names, in block order (down_block_res_0, 1, ... 10, 11)."""
+    return sorted((n for n in names if n.startswith("down_block_res_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+
+
 class TrtUNet:
     """Called like a diffusers UNet2DConditionModel (the calls engines.stream makes), run by an engine."""
 
@@ -349,11 +365,7 @@ class TrtUNet:
             self._report_once(("controlnet",), "ControlNet residuals (this UNet engine was built without "
                                                "ControlNet inputs)")
         elif self.torch_reason is None:
-            batch = sample.shape[0]
-            inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(batch),
-                      "encoder_hidden_states": encoder_hidden_states}
-            if added_cond_kwargs is not None:
-                inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
+            inputs = _denoiser_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
             if self.controlnet_inputs:
                 inputs.update(self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual))
             try:
@@ -373,8 +385,7 @@ class TrtUNet:
                              mid_block_additional_residual=mid_block_additional_residual, **kwargs)
 
     def _residuals(self, sample: torch.Tensor, down: Sequence | None, mid: torch.Tensor | None) -> dict:
-        names = sorted((n for n in self.engine.inputs if n.startswith("down_block_res_")),
-                       key=lambda n: int(n.rsplit("_", 1)[1]))
+        names = _down_residual_names(self.engine.inputs)
         if down is not None:
             return {**dict(zip(names, down)), "mid_block_res": mid}
         from .export import residual_shapes
@@ -468,12 +479,9 @@ class TrtControlNet:
                  controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, added_cond_kwargs: dict | None = None,
                  return_dict: bool = False, **kwargs: Any) -> Any:
         if self.engine is not None:
-            batch = sample.shape[0]
-            inputs = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(batch),
-                      "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond,
-                      "conditioning_scale": self._scale(float(conditioning_scale), sample.device)}
-            if added_cond_kwargs is not None:
-                inputs.update(text_embeds=added_cond_kwargs["text_embeds"], time_ids=added_cond_kwargs["time_ids"])
+            inputs = _denoiser_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+            inputs.update(controlnet_cond=controlnet_cond,
+                          conditioning_scale=self._scale(float(conditioning_scale), sample.device))
             try:
                 out = self.engine.run(inputs)
             except EngineError as e:  # torch serves from now on; the show goes on
@@ -487,8 +495,7 @@ class TrtControlNet:
             if out is not None:
                 # The engine's buffers, overwritten by its next call: the stream scales them into new
                 # tensors at once, before it calls this ControlNet again.
-                names = sorted((n for n in out if n.startswith("down_block_res_")), key=lambda n: int(n.rsplit("_", 1)[1]))
-                return [out[n] for n in names], out["mid_block_res"]
+                return [out[n] for n in _down_residual_names(out)], out["mid_block_res"]
         return self.fallback(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
                              added_cond_kwargs=added_cond_kwargs, return_dict=False, **kwargs)
@@ -567,13 +574,10 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
         raise EngineError(f"the UNet engine was built from other weights than {stream.model.name}'s "
                           f"({engines[UNET].record.model})")
     refit = LoraRefit(engines[UNET], loaded.refit_map, loaded.onnx_path) if loaded.refit_map else None
-    torch_autoencoder = stream.model.autoencoder
-    if isinstance(torch_autoencoder, TrtAutoencoder):
-        torch_autoencoder = torch_autoencoder.fallback
     unet = TrtUNet(engines[UNET], stream.model.unet, refit, on_missing)
-    autoencoder = _autoencoder_on(loaded, torch_autoencoder, on_missing)
+    on_engines = autoencoder(loaded, stream.model.autoencoder, on_missing=on_missing)
     controlnets = [_controlnet_on(loaded, k, module, on_missing) for k, module in enumerate(stream.controlnets)]
-    stream.set_modules(unet=unet, autoencoder=autoencoder, controlnets=controlnets)
+    stream.set_modules(unet=unet, autoencoder=on_engines, controlnets=controlnets)
     try:
         if stream.loras is not None:
             unet.weights_changed()
@@ -583,24 +587,19 @@ def attach(stream: Any, loaded: Loaded, *, on_missing: Callable[[str], None] | N
     log.info("TensorRT engines attached: %s; shared activation memory %.0f MB",
              ", ".join([*engines, *(f"controlnet {k}" for k, c in enumerate(controlnets) if isinstance(c, TrtControlNet))]),
              loaded.memory.size / 2**20)
-    return Attached(unet, autoencoder, loaded)
+    return Attached(unet, on_engines, loaded)
 
 
 def autoencoder(loaded: Loaded, fallback: Any, *, on_missing: Callable[[str], None] | None = None
                 ) -> TrtAutoencoder:
-    """A TrtAutoencoder on `loaded`'s encoder and decoder engines around the torch `fallback` (a /vae
-    switch to an autoencoder whose engines are built)."""
-    if isinstance(fallback, TrtAutoencoder):
-        fallback = fallback.fallback
-    return _autoencoder_on(loaded, fallback, on_missing)
-
-
-def _autoencoder_on(loaded: Loaded, fallback: Any, on_missing: Callable[[str], None] | None) -> TrtAutoencoder:
-    """Only engines built from this very autoencoder's weights are used: after a /vae switch the engines
-    of a build started before it may be of the old one, and those would show the wrong pictures."""
+    """A TrtAutoencoder on `loaded`'s encoder and decoder engines around the torch autoencoder `fallback`
+    (or the one behind a TrtAutoencoder): the stream's at attach, or a /vae switch's. Only engines built
+    from this very autoencoder's weights are used: after a /vae switch the engines of a build started
+    before it may be of the old one, and those would show the wrong pictures."""
     from .cache import weights_fingerprint
     from .export import VAE_DECODER, VAE_ENCODER
 
+    fallback = torch_module(fallback)
     fingerprint = weights_fingerprint(fallback.module)
     parts = {}
     for part in (VAE_ENCODER, VAE_DECODER):
@@ -618,8 +617,7 @@ def _controlnet_on(loaded: Loaded, k: int, module: Any, on_missing: Callable[[st
     """ControlNet k on its engine if one was built from its very weights; else the torch module."""
     from .cache import weights_fingerprint
 
-    if isinstance(module, TrtControlNet):
-        module = module.fallback
+    module = torch_module(module)
     if module is None:
         return None
     engine = loaded.controlnets.get(weights_fingerprint(module))

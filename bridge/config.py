@@ -58,13 +58,19 @@ class Settings:
         "batch): higher fps with several steps, but each output is steps-1 frames behind its input; false "
         "renders each frame completely before the next (no lag).")
     instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
-    host: str = _setting("127.0.0.1", "Address the OSC server binds to. Keep 127.0.0.1 unless the network is trusted.")
+    host: str = _setting("127.0.0.1", "Address the OSC, HTTP/WebSocket and OSCQuery servers bind to: 127.0.0.1 serves "
+                         "this machine only; 0.0.0.0 every network (a phone as a controller, a remote TouchDesigner). "
+                         "Anyone on that network can then play the daemon: only on a network you trust.")
     osc_port: int = _setting(9100, "UDP port for OSC control (0 picks a free port).")
     telemetry_host: str = _setting("127.0.0.1", "Where OSC telemetry (/sdbridge/...) is sent.")
     telemetry_port: int = _setting(9101, "UDP port telemetry is sent to.")
     telemetry_interval: float = _setting(0.5, "Seconds between telemetry updates.")
-    http_port: int = _setting(9102, "HTTP/WebSocket port (reserved: the WebSocket server is not built yet).")
-    oscquery_port: int = _setting(9103, "OSCQuery port (reserved: OSCQuery is not built yet).")
+    http_port: int = _setting(9102, "TCP port of the web control page (http://HOST:PORT/), its JSON API (/api/schema, "
+                              "/api/state) and the WebSocket (/ws) for control and frames (0 picks a free port).")
+    oscquery_port: int = _setting(9103, "TCP port of the OSCQuery server: the parameter tree as JSON over HTTP, for "
+                                  "VDMX, MadMapper, Chataigne, ossia score (0 picks a free port).")
+    mdns: bool = _setting(True, "Advertise the OSCQuery server (_oscjson._tcp) and the OSC port (_osc._udp) over mDNS "
+                          "(Bonjour, zeroconf), so that OSCQuery clients find the daemon by themselves.")
     max_width: int = _setting(1024, "Largest frame width the rings hold.")
     max_height: int = _setting(1024, "Largest frame height the rings hold.")
     slot_count: int = _setting(3, "Slots per ring (at least 2).")
@@ -264,10 +270,15 @@ def to_toml(settings: Settings, initial: Mapping[str, Any]) -> str:
     """A config file that `load` turns back into these settings and initial parameters (for a child
     process that must see what this one sees, such as a background engine build)."""
     lines = [f"{f.name} = {_toml_value(getattr(settings, f.name))}" for f in dataclasses.fields(Settings)]
+    return "\n".join(lines) + "\n" + parameters_toml({k: v for k, v in initial.items() if k not in SETTING_FIELDS})
+
+
+def parameters_toml(values: Mapping[str, Any]) -> str:
+    """Parameter values as config-file lines: plain keys first, then a table per family ([lora],
+    [controlnet.0] is written ["controlnet"] with "0/scale" keys), since a table ends the top level."""
+    lines = []
     families: dict[str, dict[str, Any]] = {}
-    for name, value in initial.items():
-        if name in SETTING_FIELDS:
-            continue
+    for name, value in values.items():
         family, _, member = name.partition("/")
         if member:
             families.setdefault(family, {})[member] = value
@@ -277,6 +288,22 @@ def to_toml(settings: Settings, initial: Mapping[str, Any]) -> str:
         lines.append(f"[{family}]")
         lines += [f"{json.dumps(member)} = {_toml_value(value)}" for member, value in members.items()]
     return "\n".join(lines) + "\n"
+
+
+def load_parameters(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A file of parameters only (a preset): (the settings it holds, which must be none, its parameters).
+    ConfigError for a file that is missing, unreadable, or holds a setting or an unknown key."""
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    settings, initial = split(values)
+    if settings:
+        raise ConfigError(f"{path} holds settings ({', '.join(settings)}), which a preset cannot change")
+    return settings, initial
 
 
 def render_default_toml() -> str:

@@ -16,7 +16,6 @@ image stays. This module knows nothing of models: the render loop asks it for im
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -62,7 +61,6 @@ class _Control:
         self.image: torch.Tensor | None = None  # preprocessed, (1, 3, H, W) in [0, 1]
         self.made: tuple[int, int, int] | None = None  # (taken, width, height) that `image` was made of
         self.tried: tuple[int, int, int] | None = None  # the last one tried: a failure is not retried each frame
-        self.offered_ns = 0  # when a frame last came by `offer`
         self.stale = False
         self.stale_reported_ns = 0  # when going stale was last reported
         self.stale_unreported = 0  # times it went stale since
@@ -83,8 +81,6 @@ class ControlInputs:
             require(name)
         self._controls = [_Control(k, ring, views[k] if k < len(views) else None, preprocessors[k])
                           for k, ring in enumerate(rings)]
-        self._offers: dict[int, shm.Frame] = {}  # the newest frame per ControlNet from `offer`, not taken yet
-        self._offers_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._controls)
@@ -95,27 +91,15 @@ class ControlInputs:
         ValueError for a frame that breaks the rules a ring frame keeps."""
         if not 0 <= k < len(self._controls):
             raise ValueError(f"no ControlNet {k}: {len(self._controls)} configured")
-        pixels = frame.pixels
-        if (frame.channels not in shm.CHANNEL_COUNTS or pixels.dtype not in shm.CODE_OF_DTYPE
-                or pixels.shape != (frame.height, frame.width, frame.channels)):
-            raise ValueError(f"a control frame is (height, width, 1|3|4) pixels of uint8, uint16, float16 or "
-                             f"float32 matching its width, height and channels; got {pixels.shape} {pixels.dtype} "
-                             f"for {frame.width}x{frame.height}x{frame.channels}")
-        with self._offers_lock:
-            self._offers[k] = frame
+        self._controls[k].reader.offer(frame)
 
     def poll(self) -> bool:
         """Take the newest control frames and check staleness; True if what the ControlNets see changed
         (a new frame, or a ring going stale or fresh under the `off` policy): the frame must be rendered."""
-        with self._offers_lock:
-            offers, self._offers = self._offers, {}
         changed = False
         now = time.monotonic_ns()
         for c in self._controls:
-            offered, read = offers.get(c.k), self._read(c)
-            if offered is not None:
-                c.offered_ns = now
-            newest = max((f for f in (offered, read) if f is not None), key=lambda f: f.written_ns, default=None)
+            newest = self._read(c)
             if newest is not None:
                 changed |= self._take(c, newest)
             changed |= self._check_stale(c, now)
@@ -169,7 +153,7 @@ class ControlInputs:
         max_age = self.policy.max_age_s
         if max_age <= 0 or c.raw is None:
             return False
-        fresh_ns = max(c.ring.heartbeat_ns, c.offered_ns)
+        fresh_ns = max(c.ring.heartbeat_ns, c.reader.offered_ns)
         stale = (now - fresh_ns) / 1e9 > max_age
         if stale == c.stale:
             return False

@@ -1,5 +1,5 @@
-"""One running sdbridge instance: rings, state, OSC, telemetry and the render thread, started and
-stopped together.
+"""One running sdbridge instance: rings, state, OSC, telemetry, the web and OSCQuery servers and the
+render thread, started and stopped together.
 
 `Daemon` is what `sdbridge serve` runs in the foreground and `sdbridge demo` runs in-process. It wires
 the parts and owns their lifetimes; the parts themselves know nothing of each other.
@@ -18,15 +18,16 @@ from engines import controlnet as controlnets
 from engines import prompt_syntax, registry
 from engines.backends import torch_backend
 from engines.bundle import ModelError
-from engines.folders import ModelFolders
+from engines.folders import CHECKPOINTS, LORAS, TAESD, VAE, ModelFolders
 from engines.stream import Stream
 
-from . import osc, params, shm
+from . import oscquery, osc, params, shm
 from .builds import EngineService
 from .config import Settings
 from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
-from .state import StateStore
+from .state import Snapshot, StateStore
+from .web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class Daemon:
         self._aio: asyncio.AbstractEventLoop | None = None
         self._aio_thread: threading.Thread | None = None
         self._transport: asyncio.DatagramTransport | None = None
+        self.web: WebServer | None = None
+        self.oscquery: oscquery.OscQueryServer | None = None
+        self._advertiser: oscquery.Advertiser | None = None
         self._telemetry_loop: asyncio.Task | None = None
         self._stopped = False
 
@@ -105,9 +109,14 @@ class Daemon:
             self.stop()
             raise
         self.osc_port = self._transport.get_extra_info("sockname")[1]
+        if s.mdns:
+            self._advertiser = oscquery.Advertiser(s.instance, s.host, self.oscquery.port, self.osc_port)
+            self._advertiser.start()  # in the background: probing the network takes seconds
         self.loop.start()
         log.info("OSC control on udp://%s:%d; telemetry to udp://%s:%d", s.host, self.osc_port,
                  s.telemetry_host, s.telemetry_port)
+        log.info("web control page on http://%s:%d/ (WebSocket /ws); OSCQuery on http://%s:%d/%s", s.host,
+                 self.web.port, s.host, self.oscquery.port, " (advertised over mDNS)" if s.mdns else "")
         log.info("shared memory: input %s, output %s (%d slots, up to %dx%d)", self.name_in, self.name_out,
                  s.slot_count, s.max_width, s.max_height)
         for k, (name, view) in enumerate(self.control_names):
@@ -132,12 +141,23 @@ class Daemon:
                              view_format=self.output, policy=policy, report_error=self.report_error)
 
     async def _start_io(self) -> asyncio.DatagramTransport:
+        s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error)
         try:
-            transport = await osc.serve(self.settings.host, self.settings.osc_port, server)
+            transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
-            raise OSError(f"cannot listen for OSC on {self.settings.host}:{self.settings.osc_port} ({e.strerror}); "
+            raise OSError(f"cannot listen for OSC on {s.host}:{s.osc_port} ({e.strerror}); "
                           "is another sdbridge running? Choose another --osc-port") from e
+        self._transport = transport  # closed by _stop_io if what follows fails
+        osc_port = transport.get_extra_info("sockname")[1]
+        self.web = WebServer(self, self.ring_out, max_frame_bytes=self.ring_in.slot_capacity,
+                             telemetry_interval=s.telemetry_interval)
+        await self.web.start(s.host, s.http_port)
+        # OSC over the OSCQuery WebSocket (browser-based clients) is handled like a datagram
+        self.oscquery = oscquery.OscQueryServer(self.schema_params, self._versioned_values, f"sdbridge {s.instance}",
+                                                s.host, osc_port,
+                                                on_osc=lambda data: server.datagram_received(data, ("oscquery", 0)))
+        await self.oscquery.start(s.host, s.oscquery_port)
         self._telemetry_loop = asyncio.get_running_loop().create_task(self._telemetry_task())
         return transport
 
@@ -146,6 +166,9 @@ class Daemon:
             self._telemetry_loop.cancel()
         if self._transport is not None:
             self._transport.close()
+        for server in (self.web, self.oscquery):
+            if server is not None:
+                await server.close()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the model is loaded (or failed to load); True if it is serving."""
@@ -157,6 +180,8 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self._advertiser is not None:
+            self._advertiser.close()
         self.engines.stop()
         if self.loop is not None:
             self.loop.stop()
@@ -243,6 +268,63 @@ class Daemon:
         torch_backend.prepare_module(autoencoder.module, self.fast_path)
         return self.engines.autoencoder_for(stream, autoencoder)  # on its TensorRT engines where they serve
 
+    # ------------------------------------------------------------------ what the web and OSCQuery servers use
+    def snapshot(self) -> Snapshot:
+        return self.store.snapshot()
+
+    def _versioned_values(self) -> tuple[int, Mapping[str, Any]]:
+        snapshot = self.store.snapshot()
+        return snapshot.version, snapshot.values
+
+    def schema_params(self) -> tuple[params.Param, ...]:
+        """Every parameter this daemon serves: the fixed ones, a weight for each LoRA in the models folders
+        (and any other the state holds) and the fields of the configured ControlNets."""
+        loras = [entry.name for entry in self.folders.list(LORAS)]
+        loras += sorted(set(params.lora_weights(self.store.snapshot().values)) - set(loras))
+        return params.schema_params(loras, len(self.settings.controlnets))
+
+    def schema(self) -> dict[str, Any]:
+        """GET /api/schema: every parameter with type, range, default and docs; `options` lists the
+        names a free-text parameter (model, vae) can take from the models folders."""
+        options = {"model": [*registry.BUILT_IN, *(e.name for e in self.folders.list(CHECKPOINTS))],
+                   "vae": [*registry.VAE_CHOICES, *sorted({e.name for e in self.folders.list(VAE) + self.folders.list(TAESD)})]}
+        described = []
+        for p in self.schema_params():
+            entry = p.describe()
+            if p.name in options:
+                entry["options"] = options[p.name]
+            described.append(entry)
+        return {"protocol": shm.VERSION, "instance": self.settings.instance, "osc_port": self.osc_port,
+                "controlnets": list(self.settings.controlnets), "params": described}
+
+    def telemetry_values(self) -> dict[str, Any]:
+        """Every telemetry value of PROTOCOL.md section 2 (and the extensions), by name under /sdbridge/."""
+        values: dict[str, Any] = {
+            "status": self.status, "state_version": self.store.version,
+            # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
+            "model": self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model,
+            "backend": self.engines.describe()}
+        if self.engines.attached is not None:
+            values["refit_ms"] = float(self.engines.refit_ms)  # 0 if the engines went meanwhile
+        if self.loop is not None:
+            stats = self.loop.stats
+            values.update(fps=float(stats.fps), latency_ms=float(stats.latency_ms), frame=int(stats.frames),
+                          skipped=int(stats.skipped), loading=self.loop.loading)
+            for k, status in enumerate(self.loop.controls.status()):
+                values[f"controlnet/{k}"] = status
+        return values
+
+    def offer_input(self, frame: shm.Frame) -> None:
+        """An input frame from the WebSocket: rendered like one from the input ring."""
+        if self.loop is not None:
+            self.loop.offer_input(frame)
+
+    def offer_control(self, k: int, frame: shm.Frame) -> None:
+        """A control image for ControlNet k from the WebSocket; ValueError if there is no ControlNet k."""
+        if self.loop is None:
+            raise ValueError("the daemon is not running")
+        self.loop.controls.offer(k, frame)
+
     def apply(self, changes: Mapping[str, Any]) -> int:
         """Apply a change set from the network: names are checked against the models folders first,
         outside the state's lock (a folder rescan must not stall the render thread), then the state
@@ -303,6 +385,8 @@ class Daemon:
         if send:
             log.warning("%s%s", message, f" ({suppressed} more not shown)" if suppressed else "")
             self.telemetry.send("error", message)
+            if self.web is not None:
+                self.web.report_error(message)
 
     async def _telemetry_task(self) -> None:
         """Telemetry, and the output ring's heartbeat, also while a model loads or the stream is idle."""
@@ -320,24 +404,9 @@ class Daemon:
         return self.loop.stats.status if self.loop else "loading"
 
     def send_telemetry(self) -> None:
-        """Send every telemetry value of PROTOCOL.md section 2 once."""
-        t = self.telemetry
-        t.send("status", self.status)
-        t.send("state_version", self.store.version)
-        # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
-        t.send("model", self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model)
-        t.send("backend", self.engines.describe())
-        if self.engines.attached is not None:
-            t.send("refit_ms", float(self.engines.refit_ms))  # 0 if the engines went meanwhile
-        if self.loop is not None:
-            stats = self.loop.stats
-            t.send("fps", float(stats.fps))
-            t.send("latency_ms", float(stats.latency_ms))
-            t.send("frame", int(stats.frames))
-            t.send("skipped", int(stats.skipped))
-            t.send("loading", self.loop.loading)
-            for k, status in enumerate(self.loop.controls.status()):
-                t.send(f"controlnet/{k}", status)
+        """Send every telemetry value over OSC once."""
+        for name, value in self.telemetry_values().items():
+            self.telemetry.send(name, value)
 
 
 def _refuse_if_served(name_out: str, instance: str) -> None:

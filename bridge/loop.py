@@ -1,7 +1,7 @@
 """The render thread: newest input frame + one state snapshot -> engine -> output ring.
 
-Latest frame wins: the loop always takes the newest input and drops older ones, so latency never
-queues up. It renders when a new input frame arrives, when the state changed (the last input is
+Latest frame wins: the loop always takes the newest input (from the input ring, or offered by another
+path such as the WebSocket: `offer_input`) and drops older ones, so latency never queues up. It renders when a new input frame arrives, when the state changed (the last input is
 rendered again with the new state), every frame in txt2img with seed -1, and while the stream itself
 wants frames (a transition easing in, stream-batch frames in flight). Nothing that goes wrong inside a
 frame stops the loop: the error is reported and the stream carries on with the next frame.
@@ -130,7 +130,7 @@ class RenderLoop:
         # Input frames are read into two buffers in turn, so that reading never allocates and a failed
         # read never spoils the last good frame; one taken while the device computes waits in _staged.
         self._input_buffers = [np.empty(ring_in.slot_capacity, np.uint8) for _ in range(2)]
-        self._staged: tuple[int, torch.Tensor] | None = None  # (seq, its pixels on the device), not rendered yet
+        self._staged: tuple[shm.Frame, torch.Tensor] | None = None  # (frame, its pixels on the device), not rendered yet
 
     def start(self) -> None:
         self._thread.start()
@@ -145,6 +145,11 @@ class RenderLoop:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("render thread did not stop within %.0f s", timeout)
+
+    def offer_input(self, frame: shm.Frame) -> None:
+        """An input frame from another path than the input ring (the WebSocket), from any thread; the
+        newer of it and the ring's newest frame is rendered next. ValueError for a malformed frame."""
+        self._inputs.offer(frame)
 
     # ------------------------------------------------------------------ thread
     @property
@@ -326,7 +331,7 @@ class RenderLoop:
             return False  # img2img and no input yet
         raw = None
         if frame is not None:
-            raw = staged[1] if staged is not None and staged[0] == frame.seq else stream.staging.upload(frame.pixels)
+            raw = staged[1] if staged is not None and staged[0] is frame else stream.staging.upload(frame.pixels)
             threshold = snap["similarity_threshold"]
             if not (state_changed or busy or new_control) and self._similar(raw, threshold):
                 self.stats.skipped += 1
@@ -341,7 +346,7 @@ class RenderLoop:
         frame = stream.output_tag  # stream batch: the output belongs to an earlier input
         if stream.staging.asynchronous and stream.settings.mode != TXT2IMG and self._take_input():
             # the device is still computing: take the next input and start its upload meanwhile
-            self._staged = (self._last_input.seq, stream.staging.upload(self._last_input.pixels))
+            self._staged = (self._last_input, stream.staging.upload(self._last_input.pixels))
         pixels = stream.staging.download(out)
         engine_s = time.perf_counter() - engine_started
         source_ns = frame.source_ns if frame is not None else started_ns

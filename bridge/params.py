@@ -135,7 +135,7 @@ class Param:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for schemas and generated docs."""
         out: dict[str, Any] = {"name": self.name, "type": "list" if self.kind is tuple else self.kind.__name__,
-                               "default": list(self.default) if self.kind is tuple else self.default,
+                               "default": json_value(self.default),
                                "doc": self.doc, "live": self.live}
         if self.entry:
             out["entry"] = [k.__name__ for k in self.entry]
@@ -270,6 +270,19 @@ def controls(values: Mapping[str, Any]) -> tuple[tuple[float, float, float], ...
     def value(k: int, field: str) -> float:
         return values.get(f"{CONTROLNET_PREFIX}{k}/{field}", CONTROLNET_FIELDS[field][0])
     return tuple((value(k, "scale"), value(k, "start"), value(k, "end")) for k in range(max(indices, default=-1) + 1))
+
+
+def schema_params(loras: Iterable[str] = (), controlnet_count: int = 0) -> tuple[Param, ...]:
+    """Every parameter a daemon serves: the fixed ones, the weight of each LoRA in `loras` and the
+    fields of `controlnet_count` ControlNets. The web page, /api/schema and OSCQuery list these."""
+    return PARAMS + tuple(lora_param(name) for name in loras) + controlnet_params(controlnet_count)
+
+
+def json_value(value: Any) -> Any:
+    """A parameter value as JSON writes it: list parameters' tuples become lists (of lists)."""
+    if isinstance(value, tuple):
+        return [json_value(v) for v in value]
+    return value
 
 
 def defaults() -> dict[str, Any]:

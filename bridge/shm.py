@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -334,15 +335,36 @@ class Ring:
 class NewestFrames:
     """A reader that takes each newest frame of a ring once: it remembers the last seq it took, follows
     a writer that starts counting again (a restarted client), and steps over a frame that breaks the
-    protocol, which is raised once rather than at every read."""
+    protocol, which is raised once rather than at every read.
+
+    Frames may also come by another path than the ring (a network client): `offer` hands one in from
+    any thread, and `take` returns the newer of it and the ring's newest, by written_ns."""
 
     def __init__(self, ring: Ring):
         self.ring = ring
         self.seq = 0  # the last frame taken (or stepped over)
+        self.offered_ns = 0  # `time.monotonic_ns()` when a frame was last offered
+        self._offered: Frame | None = None  # the newest offered frame, not taken yet
+        self._lock = threading.Lock()
+
+    def offer(self, frame: Frame) -> None:
+        """Hand in a frame from another path; `frame.pixels` must not be reused by the caller. ValueError
+        for a frame that breaks the rules a ring frame keeps."""
+        pixels = frame.pixels
+        if (frame.channels not in CHANNEL_COUNTS or pixels.dtype not in CODE_OF_DTYPE
+                or pixels.shape != (frame.height, frame.width, frame.channels)):
+            raise ValueError(f"a frame is (height, width, 1|3|4) pixels of uint8, uint16, float16 or float32 "
+                             f"matching its width, height and channels; got {pixels.shape} {pixels.dtype} for "
+                             f"{frame.width}x{frame.height}x{frame.channels}")
+        with self._lock:
+            self._offered = frame
+            self.offered_ns = time.monotonic_ns()
 
     def take(self, into: np.ndarray | None = None) -> Frame | None:
-        """The newest frame if it is newer than the last one taken, else None (`into`: as read_latest).
-        RingError for a bad frame, which the next take has left behind."""
+        """The newest frame if it is newer than the last one taken, else None (`into`: as read_latest, for
+        ring frames). RingError for a bad ring frame, which the next take has left behind (an offered
+        frame waits for that take)."""
+        offered = self._offered
         ring = self.ring
         if ring.write_seq < self.seq:
             self.seq = 0
@@ -353,6 +375,12 @@ class NewestFrames:
             raise
         if frame is not None:
             self.seq = frame.seq
+        if offered is not None:
+            with self._lock:
+                if self._offered is offered:  # one offered meanwhile waits for the next take
+                    self._offered = None
+            if frame is None or offered.written_ns > frame.written_ns:
+                return offered
         return frame
 
 

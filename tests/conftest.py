@@ -49,6 +49,13 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
+def free_tcp_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (for the HTTP/WebSocket and OSCQuery servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def unique_instance(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid() % 100000}x{next(_instances)}"
 
@@ -113,11 +120,13 @@ class DaemonProcess:
     def __init__(self, *extra: str, instance: str | None = None, width: int = 128, height: int = 128):
         self.instance = instance or unique_instance()
         self.osc_port = free_udp_port()
+        self.http_port, self.oscquery_port = free_tcp_port(), free_tcp_port()
         self.telemetry = TelemetryListener(free_udp_port())
         self.name_in, self.name_out = shm.segment_names(self.instance)
         self.argv = [*SDBRIDGE, "serve", "--model", "tiny", "--instance", self.instance,
                      "--osc-port", str(self.osc_port), "--telemetry-port", str(self.telemetry.sock.getsockname()[1]),
-                     "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height), *extra]
+                     "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height),
+                     "--http-port", str(self.http_port), "--oscquery-port", str(self.oscquery_port), "--no-mdns", *extra]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -125,6 +134,11 @@ class DaemonProcess:
         self.osc = SimpleUDPClient("127.0.0.1", self.osc_port)
         self.ring_in = self.ring_out = None
         self.frame_id = 0
+
+    @property
+    def url(self) -> str:
+        """The daemon's HTTP server: the web page, /api/... and ws:// at /ws."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def wait_started(self, timeout: float = 120.0) -> "DaemonProcess":
         end = time.monotonic() + timeout

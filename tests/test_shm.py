@@ -197,6 +197,41 @@ def test_newest_frames_raises_a_bad_frame_once_and_steps_over_it(ring):
     assert reader.take().frame_id == 5
 
 
+def _offered(frame_id: int) -> shm.Frame:
+    now = time.monotonic_ns()
+    return shm.Frame(0, 4, 4, 3, 1, 0, frame_id, now, now, 0, np.full((4, 4, 3), frame_id, np.uint8))
+
+
+def test_newest_frames_takes_the_newer_of_an_offered_frame_and_the_rings(ring):
+    reader = shm.NewestFrames(ring)
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=1)
+    reader.offer(_offered(2))  # offered after the ring's frame: newer
+    assert reader.take().frame_id == 2 and reader.take() is None
+    reader.offer(_offered(3))
+    ring.write(np.zeros((4, 4, 3), np.uint8), frame_id=4)  # the ring's is newer now: the offer is dropped
+    assert reader.take().frame_id == 4 and reader.take() is None
+    reader.offer(_offered(5))
+    assert reader.take().frame_id == 5 and reader.offered_ns > 0
+
+
+def test_an_offered_frame_waits_while_the_ring_raises_a_bad_frame(ring):
+    reader = shm.NewestFrames(ring)
+    ring.write(np.zeros((4, 4, 3), np.uint8))
+    struct.pack_into("<H", ring._shm.buf, 64 + ring.latest_slot * (64 + ring.slot_capacity) + 18, 9)
+    reader.offer(_offered(6))
+    with pytest.raises(shm.RingError):
+        reader.take()
+    assert reader.take().frame_id == 6
+
+
+def test_an_offered_frame_must_be_what_its_fields_say(ring):
+    reader = shm.NewestFrames(ring)
+    frame = _offered(1)
+    for bad in ({"width": 5}, {"channels": 2}, {"pixels": frame.pixels.astype(np.int32)}):
+        with pytest.raises(ValueError, match="matching its width"):
+            reader.offer(shm.Frame(**{**frame.__dict__, **bad}))
+
+
 def test_frame_flags_are_the_protocols_bits():
     assert shm.frame_flags(bgr=False, bottom_left=False) == 0
     assert shm.frame_flags(bgr=True, bottom_left=True) == shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT == 3

@@ -1,0 +1,487 @@
+"""OSCQuery: the parameter schema as a browsable OSC namespace (the Vidvox OSCQuery proposal), so that
+VDMX, MadMapper, Chataigne, ossia score and other OSCQuery clients find every parameter by themselves.
+
+Three layers, as in the rest of `bridge`:
+
+- pure: `tree` turns the parameter schema and the current state into the namespace JSON, `respond`
+  answers an HTTP request target against it (`/`, `/strength`, `/strength?VALUE`, `/?HOST_INFO`),
+  `host_info` describes the server, `arguments` gives every node's value as OSC arguments and
+  `listen_command` reads the client's LISTEN/IGNORE messages. No sockets, no threads.
+- `OscQueryServer`: HTTP and WebSocket on one port (the `websockets` library answers plain GETs through
+  `process_request`). Over the WebSocket a client may LISTEN to nodes and then receives a binary OSC
+  message with a node's value whenever the state changes it, and a PATH_CHANGED notice when the set of
+  parameters changes.
+- `Advertiser`: mDNS/DNS-SD records `_oscjson._tcp` (this server) and `_osc._udp` (the OSC port).
+
+What the namespace holds: one node `/<name>` per parameter of `bridge.params` (names with "/" become
+nested containers: `/lora/<name>`, `/controlnet/<k>/scale`), plus the composite OSC addresses of
+`bridge.osc.COMPOSITE` (`/resolution`, type "ii"). The `/norm/<name>` fader addresses are not listed:
+they are another spelling of the ranged parameters (0..1 of the range), and listing them would show
+every fader twice. `/preset/save|recall` are not parameters and are not listed either.
+
+How parameters map onto OSCQuery attributes:
+
+- TYPE: float "f", int "i", str "s", bool "T" (OSCQuery's boolean; clients send T or F, and the OSC
+  server takes both). A list parameter's TYPE is the type tags of one entry ("sf" for `/prompts`, "if"
+  for `/seeds`, "i" for `/t_index_list`); any number of entries follow one another in one message, as
+  its DESCRIPTION says, and its VALUE lists every entry's values flat, the way the OSC message carries
+  them (so VALUE may hold more items than TYPE has tags, or none for an empty list).
+- RANGE: `{"MIN", "MAX"}` for bounded numbers, `{"VALS"}` for choices, JSON null for an item without
+  one. CLIPMODE "both" on every bounded number: a hint that nothing outside RANGE is used (the daemon
+  refuses such a value rather than clamping it; clients that clamp on their side never send one).
+- ACCESS 3 (read and write) on parameters, 0 on containers. VALUE is the current state; a parameter
+  the state does not hold yet (a LoRA never set) shows its default, which is what the engine uses.
+
+This module knows nothing of the daemon: it is given callables for the parameters and the state.
+"""
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import re
+import socket
+import threading
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+from urllib.parse import unquote, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import osc, params
+from .web import QuietLogger, http_response, json_response
+from .params import Param
+
+log = logging.getLogger(__name__)
+
+# What this implementation supports, for HOST_INFO's EXTENSIONS (an unlisted or false one is unsupported).
+EXTENSIONS: dict[str, bool] = {
+    "ACCESS": True, "VALUE": True, "RANGE": True, "DESCRIPTION": True, "CLIPMODE": True,
+    "LISTEN": True, "PATH_CHANGED": True,
+    "TAGS": False, "EXTENDED_TYPE": False, "UNIT": False, "CRITICAL": False, "OVERLOADS": False,
+    "HTML": False, "PATH_RENAMED": False, "PATH_ADDED": False, "PATH_REMOVED": False,
+}
+# Attributes a request may query (`/path?ATTRIBUTE`); HOST_INFO is answered apart.
+QUERYABLE = ("FULL_PATH", "CONTENTS", "TYPE", "ACCESS", "VALUE", "RANGE", "DESCRIPTION", "CLIPMODE")
+HOST_INFO = "HOST_INFO"
+
+ACCESS_NONE, ACCESS_READ, ACCESS_READ_WRITE = 0, 1, 3
+_TYPE_TAGS = {float: "f", int: "i", str: "s", bool: "T"}
+_CONTAINER_DOCS = {
+    "/lora": "Weights of LoRAs, one node per LoRA name; 0 turns one off.",
+    "/controlnet": "ControlNets by index k, in the order of the controlnets setting.",
+}
+POLL_S = 0.02  # how often the state version is checked while WebSocket clients are connected
+CLOSE_TIMEOUT_S = 1.0  # how long a client that does not close its end may hold up shutting the server down
+
+
+class OscQueryError(ValueError):
+    """A WebSocket message from an OSCQuery client that this server does not understand."""
+
+
+# ---------------------------------------------------------------------------- pure: the namespace
+def tree(parameters: Sequence[Param], values: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The whole namespace as OSCQuery JSON (the root node, with every node in nested CONTENTS).
+
+    `parameters` is what the daemon serves (`params.schema_params(...)`), `values` the current state
+    (name -> value); `name` names the root, as HOST_INFO's NAME does.
+    """
+    root = _container("/", f"{name}: every sdbridge parameter, one OSC method each")
+    by_name = {p.name: p for p in parameters}
+    for param in parameters:
+        _insert(root, param.name, _method(param, values.get(param.name, param.default)))
+    for address, names in osc.COMPOSITE.items():
+        if all(n in by_name for n in names):
+            members = [by_name[n] for n in names]
+            _insert(root, address.strip("/"), _composite(address, members, values))
+    return root
+
+
+def _container(path: str, description: str | None = None) -> dict[str, Any]:
+    node: dict[str, Any] = {"FULL_PATH": path, "ACCESS": ACCESS_NONE, "CONTENTS": {}}
+    if description:
+        node["DESCRIPTION"] = description
+    return node
+
+
+def _insert(root: dict[str, Any], name: str, node: dict[str, Any]) -> None:
+    """Put a method node at /<name>, making the containers above it."""
+    *parents, leaf = name.split("/")
+    here, path = root, ""
+    for part in parents:
+        path += "/" + part
+        contents = here.setdefault("CONTENTS", {})
+        if part not in contents:
+            contents[part] = _container(path, _container_doc(path))
+        here = contents[part]
+    here.setdefault("CONTENTS", {})[leaf] = node
+
+
+def _container_doc(path: str) -> str | None:
+    if path in _CONTAINER_DOCS:
+        return _CONTAINER_DOCS[path]
+    match = re.fullmatch(r"/controlnet/(\d+)", path)
+    return f"ControlNet {match[1]}: its conditioning scale and the part of the schedule where it acts." if match else None
+
+
+def _method(param: Param, value: Any) -> dict[str, Any]:
+    """The node of one parameter."""
+    kinds = param.entry if param.kind is tuple else (param.kind,)
+    node: dict[str, Any] = {"FULL_PATH": "/" + param.name, "ACCESS": ACCESS_READ_WRITE,
+                            "TYPE": "".join(_TYPE_TAGS[k] for k in kinds),
+                            "VALUE": _flat(params.json_value(value)),
+                            "DESCRIPTION": _describe(param)}
+    ranges = [_range(*_bounds(param, i, kind), param.choices if kind is str else ()) for i, kind in enumerate(kinds)]
+    _add_ranges(node, ranges)
+    return node
+
+
+def _composite(address: str, members: Sequence[Param], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The node of an OSC address that sets several parameters at once (/resolution: width, height)."""
+    node: dict[str, Any] = {"FULL_PATH": address, "ACCESS": ACCESS_READ_WRITE,
+                            "TYPE": "".join(_TYPE_TAGS[p.kind] for p in members),
+                            "VALUE": [params.json_value(values.get(p.name, p.default)) for p in members],
+                            "DESCRIPTION": f"Sets {' and '.join(p.name for p in members)} in one message. "
+                                           + " ".join(p.doc for p in members)}
+    _add_ranges(node, [_range(p.minimum, p.maximum, p.choices) for p in members])
+    return node
+
+
+def _bounds(param: Param, index: int, kind: type) -> tuple[float | None, float | None]:
+    """The bounds an item of `param` is checked against: the rule of `Param._coerce_list` (the number
+    of a pair checks against item_range; everything else against minimum/maximum)."""
+    if kind in (str, bool):
+        return None, None
+    if param.kind is tuple and len(param.entry) > 1 and kind is float:
+        return param.item_range or (None, None)
+    return param.minimum, param.maximum
+
+
+def _range(low: float | None, high: float | None, choices: Sequence[str]) -> dict[str, Any] | None:
+    if choices:
+        return {"VALS": list(choices)}
+    out = {}
+    if low is not None:
+        out["MIN"] = low
+    if high is not None:
+        out["MAX"] = high
+    return out or None
+
+
+def _add_ranges(node: dict[str, Any], ranges: list[dict[str, Any] | None]) -> None:
+    if any(ranges):
+        node["RANGE"] = ranges
+    clip = ["both" if r and "MIN" in r and "MAX" in r else None for r in ranges]
+    if any(clip):
+        node["CLIPMODE"] = clip
+
+
+def _describe(param: Param) -> str:
+    if param.kind is not tuple:
+        return param.doc
+    tags = " ".join(_TYPE_TAGS[k] for k in param.entry)
+    return (f"{param.doc} TYPE is one entry ({tags}); a message carries 0 to {param.max_items} entries one "
+            "after another, and VALUE lists them all the same way.")
+
+
+def _flat(value: Any) -> list[Any]:
+    """A JSON value as OSC arguments: a scalar becomes [value], a list of entries is flattened."""
+    if not isinstance(value, list):
+        return [value]
+    return [item for entry in value for item in (entry if isinstance(entry, list) else [entry])]
+
+
+def arguments(parameters: Sequence[Param], values: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Every method's current value as OSC arguments, by OSC address: what a LISTEN client receives."""
+    out = {"/" + p.name: _flat(params.json_value(values.get(p.name, p.default))) for p in parameters}
+    by_name = {p.name: p for p in parameters}
+    for address, names in osc.COMPOSITE.items():
+        if all(n in by_name for n in names):
+            out[address] = [values.get(n, by_name[n].default) for n in names]
+    return out
+
+
+def host_info(name: str, osc_ip: str, osc_port: int) -> dict[str, Any]:
+    """HOST_INFO: the server's name, what it supports, and where its OSC server listens.
+
+    An OSC server bound to every interface (0.0.0.0) leaves OSC_IP out: the proposal then has clients
+    use the address they reached this server at, which is the one that works for them.
+    """
+    info: dict[str, Any] = {"NAME": name, "EXTENSIONS": dict(EXTENSIONS)}
+    if osc_ip not in ("0.0.0.0", "", "::"):
+        info["OSC_IP"] = osc_ip
+    info.update(OSC_PORT=osc_port, OSC_TRANSPORT="UDP")
+    return info
+
+
+def respond(target: str, namespace: Mapping[str, Any], info: Mapping[str, Any]) -> tuple[int, Any]:
+    """The answer to an HTTP GET of `target` (path and query of the URL): (status, JSON body or None).
+
+    The proposal's rules: the path names a node, answered with its whole subtree; `?ATTRIBUTE` answers
+    `{ATTRIBUTE: value}` alone, or `{}` where the attribute does not apply to that node; `?HOST_INFO`
+    answers `info` whatever the path. 404: no node at the path. 400: an attribute that is unknown or
+    not supported (the proposal's error list; its core section says 204 for the latter, but 204 means
+    "no content" and is kept for its other use). 204: VALUE of a node whose ACCESS is not readable.
+    """
+    parts = urlsplit(target)
+    query = unquote(parts.query).partition("=")[0]  # "?VALUE" and "?VALUE=" alike; no other forms
+    if query == HOST_INFO:
+        return 200, dict(info)
+    if query and query not in QUERYABLE:
+        return 400, None
+    node = _find(namespace, unquote(parts.path))
+    if node is None:
+        return 404, None
+    if not query:
+        return 200, node
+    if query == "VALUE" and not node.get("ACCESS", ACCESS_READ) & ACCESS_READ:
+        return 204, None
+    return 200, {query: node[query]} if query in node else {}
+
+
+def _find(namespace: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    node = namespace
+    for part in filter(None, path.split("/")):
+        node = node.get("CONTENTS", {}).get(part)
+        if node is None:
+            return None
+    return node
+
+
+def listen_command(message: str) -> tuple[str, str]:
+    """("LISTEN" or "IGNORE", OSC address) from a client's WebSocket text message, or OscQueryError."""
+    try:
+        data = json.loads(message)
+    except ValueError:
+        raise OscQueryError(f"not JSON: {message[:80]!r}") from None
+    if not isinstance(data, dict) or data.get("COMMAND") not in ("LISTEN", "IGNORE"):
+        raise OscQueryError(f"expected {{\"COMMAND\": \"LISTEN\" or \"IGNORE\", \"DATA\": address}}, got {message[:80]!r}")
+    address = data.get("DATA")
+    if not isinstance(address, str) or not address.startswith("/"):
+        raise OscQueryError(f"{data['COMMAND']} needs an OSC address in DATA, got {address!r}")
+    return data["COMMAND"], address
+
+
+def path_changed(path: str = "/") -> str:
+    """The server's notice that the namespace under `path` changed and clients should fetch it again."""
+    return json.dumps({"COMMAND": "PATH_CHANGED", "DATA": path})
+
+
+# ---------------------------------------------------------------------------- I/O: HTTP + WebSocket
+class OscQueryServer:
+    """Serves the namespace over HTTP and streams LISTENed values over a WebSocket, on one port.
+
+    `parameters()` returns the parameters served now and `values()` (state_version, values); both are
+    called on the asyncio thread, per HTTP request and, while WebSocket clients are connected, every
+    POLL_S to spot changes. Binary OSC packets a client sends over the WebSocket go to `on_osc`
+    (the daemon's OSC handling) when given, and are dropped otherwise.
+    """
+
+    def __init__(self, parameters: Callable[[], Sequence[Param]],
+                 values: Callable[[], tuple[int, Mapping[str, Any]]], name: str, osc_ip: str, osc_port: int,
+                 on_osc: Callable[[bytes], None] | None = None):
+        self._parameters = parameters
+        self._values = values
+        self._name = name
+        self._info = host_info(name, osc_ip, osc_port)
+        self._on_osc = on_osc
+        self._server: Server | None = None
+        self._sessions: dict[ServerConnection, set[str]] = {}  # connection -> addresses it listens to
+        self._watch_task: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind and serve; port 0 picks a free port (see `port`). OSError names the port on failure."""
+        try:
+            self._server = await serve(self._session, host, port, process_request=self._http,
+                                       logger=QuietLogger(log, {}), server_header="sdbridge",
+                                       close_timeout=CLOSE_TIMEOUT_S)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve OSCQuery on {host}:{port} ({e.strerror}); is another program or "
+                                   "sdbridge instance using it? Choose another with --oscquery-port") from None
+        log.info("OSCQuery on http://%s:%d", host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop serving and close every WebSocket connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer a plain HTTP request; let a WebSocket upgrade through (None)."""
+        if request.method == "GET" and "websocket" in request.headers.get("Upgrade", "").lower():
+            return None
+        if request.method != "GET":
+            return _response(http.HTTPStatus.METHOD_NOT_ALLOWED, None, ("Allow", "GET"))
+        _, values = self._values()
+        return _response(*respond(request.path, tree(self._parameters(), values, self._name), self._info))
+
+    async def _session(self, connection: ServerConnection) -> None:
+        """One WebSocket client: LISTEN/IGNORE commands as text, OSC packets as binary messages."""
+        listening: set[str] = set()
+        self._sessions[connection] = listening
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            async for message in connection:
+                if isinstance(message, str):
+                    try:
+                        command, address = listen_command(message)
+                    except OscQueryError as e:
+                        log.debug("OSCQuery client %s: %s", connection.remote_address, e)
+                        continue
+                    (listening.add if command == "LISTEN" else listening.discard)(address)
+                elif self._on_osc is not None:
+                    self._on_osc(bytes(message))
+                else:
+                    log.debug("OSCQuery client %s sent OSC over the WebSocket; dropped (send it to the OSC port)",
+                              connection.remote_address)
+        except ConnectionClosed:
+            pass
+        finally:
+            del self._sessions[connection]
+
+    async def _watch(self) -> None:
+        """While clients are connected: on every state change, send each listener the OSC messages of
+        the nodes it listens to whose value changed, and everyone PATH_CHANGED when the parameters did."""
+        version, values = self._values()
+        parameters = tuple(self._parameters())
+        sent = arguments(parameters, values)
+        while self._sessions:
+            await asyncio.sleep(POLL_S)
+            try:
+                latest, values = self._values()
+                if latest == version:
+                    continue
+                version = latest
+                sends: list[Awaitable[None]] = []
+                now_parameters = tuple(self._parameters())
+                if now_parameters != parameters:
+                    parameters = now_parameters
+                    sends += [connection.send(path_changed("/")) for connection in self._sessions]
+                now = arguments(parameters, values)
+                changed = {address for address, args in now.items() if sent.get(address) != args}
+                sent = now
+                sends += [connection.send(osc.encode(address, *now[address]))
+                          for connection, listening in self._sessions.items() for address in changed & listening]
+            except Exception:  # a bug here must not take the server down; LISTEN resumes with the next client
+                log.exception("OSCQuery: watching the state failed; LISTEN stops until a client reconnects")
+                return
+            await asyncio.gather(*sends, return_exceptions=True)  # a client that went away is not an error
+
+
+def _response(status: int, body: Any, *fields: tuple[str, str]) -> Response:
+    """An HTTP response carrying `body` as JSON (none for None); pages from any origin may read it."""
+    fields = (("Access-Control-Allow-Origin", "*"), *fields)
+    return http_response(status, b"", None, *fields) if body is None else json_response(body, status, *fields)
+
+
+# ---------------------------------------------------------------------------- I/O: mDNS
+OSCJSON_TYPE = "_oscjson._tcp.local."
+OSC_TYPE = "_osc._udp.local."
+
+
+class Advertiser:
+    """Advertises the OSCQuery server (`_oscjson._tcp`) and the OSC port (`_osc._udp`) over mDNS.
+
+    Built on `zeroconf` rather than python-oscquery, which binds every interface, leaves out RANGE and
+    DESCRIPTION and runs its own threaded HTTP server. The records go where the servers listen: the
+    loopback interface only for host 127.0.0.1, every interface with its IPv4 addresses for 0.0.0.0,
+    and the one address otherwise. Registering probes the network for about two seconds, so `start`
+    does it on a daemon thread and returns at once; mDNS is a convenience, so no failure of it raises
+    (a warning is logged). `close` withdraws the records and is safe whatever state `start` reached.
+    """
+
+    def __init__(self, instance: str, host: str, oscquery_port: int, osc_port: int):
+        self.instance = instance
+        self.host = host
+        self.services = ((OSCJSON_TYPE, oscquery_port), (OSC_TYPE, osc_port))
+        self._lock = threading.Lock()
+        self._closing = False
+        self._zeroconf: Any = None
+        self._thread: threading.Thread | None = None
+        self.registered: list[str] = []  # full service names, once each registration completes
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._register, name="sdbridge-mdns", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        try:
+            from zeroconf import IPVersion, ServiceInfo, Zeroconf
+            interfaces, addresses = self._where()
+            zc = Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        except Exception as e:  # no zeroconf package, no multicast, an unusable host
+            log.warning("mDNS advertising off: %s", e)
+            return
+        with self._lock:
+            if self._closing:
+                zc.close()
+                return
+            self._zeroconf = zc
+        server = _dns_label(f"{socket.gethostname().split('.')[0]}-sdbridge-{self.instance}") + ".local."
+        for type_, port in self.services:
+            info = ServiceInfo(type_, f"{_dns_label('sdbridge-' + self.instance)}.{type_}", port=port,
+                               parsed_addresses=addresses, server=server)
+            try:
+                if self._closing:
+                    return
+                zc.register_service(info, allow_name_change=True)
+            except Exception as e:
+                if not self._closing:
+                    log.warning("mDNS: could not advertise %s: %s", type_, e)
+                return
+            self.registered.append(info.name)
+            log.info("mDNS: advertised %s on port %d (%s)", info.name, port, ", ".join(addresses))
+
+    def _where(self) -> tuple[Any, list[str]]:
+        """(zeroconf interfaces, advertised IPv4 addresses) for the servers' bind address."""
+        from zeroconf import InterfaceChoice
+        if self.host in ("0.0.0.0", ""):
+            import ifaddr  # zeroconf's own dependency for listing interfaces
+            found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+            return InterfaceChoice.All, found or ["127.0.0.1"]
+        try:
+            socket.inet_aton(self.host)
+        except OSError:
+            raise ValueError(f"mDNS here advertises IPv4 addresses; host {self.host!r} is not one") from None
+        return [self.host], [self.host]
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Withdraw the records (goodbye packets) and close, within about `timeout` seconds."""
+        with self._lock:
+            self._closing = True
+            zc, self._zeroconf = self._zeroconf, None
+        if self._thread is not None:
+            self._thread.join(timeout / 2)  # a registration under way finishes, then is withdrawn cleanly
+        if zc is None:
+            return
+        closer = threading.Thread(target=self._close, args=(zc,), name="sdbridge-mdns-close", daemon=True)
+        closer.start()
+        closer.join(timeout / 2)
+        if closer.is_alive():
+            log.warning("mDNS: withdrawing the records is taking long; leaving it to finish in the background")
+
+    @staticmethod
+    def _close(zc: Any) -> None:
+        try:
+            zc.close()  # unregisters every registered service first
+        except Exception as e:
+            log.debug("mDNS close: %s", e)
+
+
+def _dns_label(text: str) -> str:
+    """`text` as one DNS label: letters, digits and hyphens, at most 63 characters."""
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text)[:63].strip("-") or "sdbridge"
+

@@ -57,6 +57,11 @@ class Settings:
         False, "true runs all denoising steps of in-flight frames in one UNet call (StreamDiffusion's stream "
         "batch): higher fps with several steps, but each output is steps-1 frames behind its input; false "
         "renders each frame completely before the next (no lag).")
+    presets_dir: str = _setting("", "Folder of presets (/preset/save NAME writes NAME.toml there, /preset/recall NAME "
+                                "reads it back); empty: the user's (~/.config/sdbridge/presets, "
+                                "%APPDATA%\\sdbridge\\presets).", metavar="DIR")
+    preset: str = _setting("", "A preset recalled at start; parameters given in the config file or on the command "
+                           "line override its values. Empty: none.", metavar="NAME")
     instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
     host: str = _setting("127.0.0.1", "Address the OSC, HTTP/WebSocket and OSCQuery servers bind to: 127.0.0.1 serves "
                          "this machine only; 0.0.0.0 every network (a phone as a controller, a remote TouchDesigner). "
@@ -141,6 +146,8 @@ class Settings:
             object.__setattr__(self, "styles_file", os.path.expanduser(self.styles_file))
         if self.engine_dir:
             object.__setattr__(self, "engine_dir", os.path.expanduser(self.engine_dir))
+        if self.presets_dir:
+            object.__setattr__(self, "presets_dir", os.path.expanduser(self.presets_dir))
         object.__setattr__(self, "engine_resolutions", tuple(str(r) for r in self.engine_resolutions))
         object.__setattr__(self, "controlnets", tuple(self.controlnets))
         object.__setattr__(self, "controlnet_preprocess", tuple(self.controlnet_preprocess))
@@ -290,9 +297,9 @@ def parameters_toml(values: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_parameters(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A file of parameters only (a preset): (the settings it holds, which must be none, its parameters).
-    ConfigError for a file that is missing, unreadable, or holds a setting or an unknown key."""
+def load_parameters(path: str | Path) -> dict[str, Any]:
+    """The parameters of a file of parameters only (a preset), validated. ConfigError for a file that
+    is missing or unreadable, or holds a setting, an unknown key or a bad value."""
     try:
         with open(path, "rb") as f:
             values = tomllib.load(f)
@@ -300,10 +307,15 @@ def load_parameters(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f"{path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    settings, initial = split(values)
+    parameters = {k: v for k, v in values.items() if k in params.BY_NAME}  # `model` is also a setting
+    settings, initial = split({k: v for k, v in values.items() if k not in parameters})
     if settings:
         raise ConfigError(f"{path} holds settings ({', '.join(settings)}), which a preset cannot change")
-    return settings, initial
+    try:
+        initial.update(params.validate(parameters))
+    except params.ParamError as e:
+        raise ConfigError(str(e)) from None
+    return initial
 
 
 def render_default_toml() -> str:

@@ -23,9 +23,10 @@ from engines.stream import Stream
 
 from . import oscquery, osc, params, shm
 from .builds import EngineService
-from .config import Settings
+from .config import ConfigError, Settings
 from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
+from .presets import PresetError, Presets, default_folder
 from .state import Snapshot, StateStore
 from .web import WebServer
 
@@ -53,6 +54,7 @@ class Daemon:
         except ValueError as e:
             raise ModelError(str(e)) from None
         self.styles = prompt_syntax.load_styles(settings.styles_file) if settings.styles_file else {}
+        self.presets = Presets(settings.presets_dir or default_folder())
         self.name_in, self.name_out = shm.segment_names(settings.instance)
         for name in settings.controlnets:  # fail fast on a typo, before anything is created
             controlnets.resolve(name, self.folders)
@@ -66,7 +68,7 @@ class Daemon:
         self.loop: RenderLoop | None = None
         self.store: StateStore | None = None
         initial = {"model": settings.model, **{p.name: p.default for p in params.controlnet_params(len(settings.controlnets))},
-                   **(initial or {})}
+                   **self._start_preset(), **(initial or {})}
         self._check_names(params.validate(initial))
         self.store = StateStore(initial, check=self._check_output_fits)
         # torch or TensorRT (refuses to start for backend = tensorrt where TensorRT cannot run)
@@ -142,7 +144,8 @@ class Daemon:
 
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
-        server = osc.OscServer(apply=self.apply, on_error=self.report_error)
+        server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
+                               save=self.save_preset)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
@@ -295,7 +298,7 @@ class Daemon:
                 entry["options"] = options[p.name]
             described.append(entry)
         return {"protocol": shm.VERSION, "instance": self.settings.instance, "osc_port": self.osc_port,
-                "controlnets": list(self.settings.controlnets), "params": described}
+                "controlnets": list(self.settings.controlnets), "presets": self.preset_names(), "params": described}
 
     def telemetry_values(self) -> dict[str, Any]:
         """Every telemetry value of PROTOCOL.md section 2 (and the extensions), by name under /sdbridge/."""
@@ -313,6 +316,41 @@ class Daemon:
             for k, status in enumerate(self.loop.controls.status()):
                 values[f"controlnet/{k}"] = status
         return values
+
+    def preset_names(self) -> list[str]:
+        return self.presets.names()
+
+    def recall_changes(self, name: str) -> dict[str, Any]:
+        """The change set that recalls preset `name` over the current state (PresetError if it cannot)."""
+        return self._configured_only(self.presets.recall(name, self.store.snapshot().values), f"preset {name}")
+
+    def recall_preset(self, name: str) -> int:
+        """Recall preset `name` as one change set; the new state version (PresetError, ParamError)."""
+        return self.apply(self.recall_changes(name))
+
+    def save_preset(self, name: str) -> None:
+        """Store the current state as preset `name` (PresetError if it cannot be written)."""
+        path = self.presets.save(name, self.store.snapshot().values)
+        log.info("preset %s saved to %s", name, path)
+
+    def _start_preset(self) -> dict[str, Any]:
+        if not self.settings.preset:
+            return {}
+        try:
+            return self._configured_only(self.presets.load(self.settings.preset), f"preset {self.settings.preset}")
+        except PresetError as e:
+            raise ConfigError(str(e)) from None
+
+    def _configured_only(self, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """`values` without the parameters of ControlNets this daemon does not have, so that a preset made
+        with more of them still recalls the rest."""
+        count = len(self.settings.controlnets)
+        indices = {name: params.controlnet_index(name) for name in values}
+        kept = {name: v for name, v in values.items() if indices[name] is None or indices[name] < count}
+        if len(kept) < len(values):
+            log.info("%s: left out %s (%d ControlNets configured)", source, ", ".join(sorted(set(values) - set(kept))),
+                     count)
+        return kept
 
     def offer_input(self, frame: shm.Frame) -> None:
         """An input frame from the WebSocket: rendered like one from the input ring."""

@@ -1,9 +1,11 @@
 """OSC control and telemetry: PROTOCOL.md section 2.
 
-The pure half turns datagrams into parameter change sets (`changes_from_packet`) and telemetry values
-into datagrams (`encode`); the server half (`OscServer`, an asyncio datagram protocol) only moves
-bytes between a socket and the state store. One datagram is one change set: a bundle is applied
-atomically, and a refused message or bundle changes nothing.
+The pure half turns datagrams into parameter change sets (`read_packet`) and telemetry values into
+datagrams (`encode`); the server half (`OscServer`, an asyncio datagram protocol) only moves bytes
+between a socket and the state store. One datagram is one change set: a bundle is applied atomically,
+and a refused message or bundle changes nothing. `/preset/recall NAME` becomes the preset's change set
+(merged in the bundle's order: later messages override it), and `/preset/save NAME` stores the state
+once the datagram's changes are applied; the presets themselves are the caller's.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
@@ -24,6 +26,7 @@ NORM_PREFIX = "/norm/"
 # Addresses that set several parameters at once, with one argument per parameter.
 COMPOSITE = {"/resolution": ("width", "height")}
 TELEMETRY_PREFIX = "/sdbridge/"
+PRESET_SAVE, PRESET_RECALL = "/preset/save", "/preset/recall"
 
 
 class OscError(ValueError):
@@ -74,20 +77,41 @@ def _expect_one(address: str, args: list[Any]) -> None:
         raise OscError(f"{address} takes 1 argument, got {len(args)}")
 
 
-def changes_from_packet(data: bytes) -> tuple[dict[str, Any], list[str]]:
-    """The change set of a whole datagram and the errors found; with any error, apply nothing."""
+class Packet(NamedTuple):
+    """What one datagram asks for. With any error, nothing of it is applied."""
+
+    changes: dict[str, Any]
+    errors: list[str]
+    saves: list[str]  # presets to save once the changes are applied
+
+
+def read_packet(data: bytes, recall: Callable[[str], dict[str, Any]] | None = None) -> Packet:
+    """The change set of a whole datagram, the presets it saves and the errors found. `recall(name)`
+    gives a preset's change set (ValueError if it cannot); without it, /preset/recall is refused."""
     changes: dict[str, Any] = {}
     errors: list[str] = []
+    saves: list[str] = []
     try:
         messages = decode(data)
     except OscError as e:
-        return {}, [str(e)]
+        return Packet({}, [str(e)], [])
     for address, args in messages:
         try:
-            changes.update(message_changes(address, args))
-        except (OscError, params.ParamError) as e:
+            if address in (PRESET_SAVE, PRESET_RECALL):
+                _expect_one(address, args)
+                if not isinstance(args[0], str):
+                    raise OscError(f"{address} takes a preset name (s), got {type(args[0]).__name__}")
+                if address == PRESET_SAVE:
+                    saves.append(args[0])
+                elif recall is None:
+                    raise OscError(f"{address}: presets are not available here")
+                else:
+                    changes.update(recall(args[0]))
+            else:
+                changes.update(message_changes(address, args))
+        except ValueError as e:  # OscError, ParamError, or a preset that cannot be recalled
             errors.append(str(e))
-    return changes, errors
+    return Packet(changes, errors, saves)
 
 
 # ---------------------------------------------------------------------------- pure: encoding
@@ -121,25 +145,32 @@ class Telemetry:
 
 
 class OscServer(asyncio.DatagramProtocol):
-    """Feeds each datagram's change set to `apply`; reports refusals through `on_error`."""
+    """Feeds each datagram's change set to `apply`; reports refusals through `on_error`. `recall(name)`
+    and `save(name)` are the presets' (ValueError when they cannot); without them presets are refused."""
 
-    def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None]):
+    def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None],
+                 recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None):
         self._apply = apply
         self._on_error = on_error
+        self._recall = recall
+        self._save = save
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        changes, errors = changes_from_packet(data)
+        changes, errors, saves = read_packet(data, self._recall)
+        if saves and self._save is None:
+            errors.append(f"{PRESET_SAVE}: presets are not available here")
         for error in errors:
             self._on_error(error)
         if errors:
-            if changes:
+            if changes or saves:
                 self._on_error(f"bundle from {addr[0]}:{addr[1]} refused whole: {len(errors)} bad message(s)")
             return
-        if not changes:
-            return
         try:
-            self._apply(changes)
-        except params.ParamError as e:
+            if changes:
+                self._apply(changes)
+            for name in saves:
+                self._save(name)
+        except ValueError as e:  # a refused change set, or a preset that could not be saved
             self._on_error(str(e))
 
     def error_received(self, exc: Exception) -> None:  # e.g. ICMP port unreachable on some platforms
@@ -168,6 +199,8 @@ def describe_addresses() -> Iterable[str]:
     for field in params.CONTROLNET_FIELDS:
         yield f"/{params.CONTROLNET_PREFIX}<k>/{field}"
     yield from COMPOSITE
+    yield PRESET_SAVE
+    yield PRESET_RECALL
     for p in params.PARAMS:
         if p.ranged:
             yield f"{NORM_PREFIX}{p.name}"

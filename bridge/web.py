@@ -36,6 +36,7 @@ from websockets.http11 import Request, Response
 from engines.frames import MAX_INPUT_SIDE
 
 from . import params, shm
+from .presets import PresetError
 from .state import Snapshot
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ _PUMP_INTERVAL_S = 0.004  # how often pushes are looked for while anyone subscri
 
 class MessageError(ValueError):
     """A message the server refuses; `code` is the reply's error code (invalid_json, invalid_message,
-    unknown_type, invalid_params, unknown_topic, message_too_large, invalid_frame)."""
+    unknown_type, invalid_params, invalid_preset, unknown_topic, message_too_large, invalid_frame)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -213,6 +214,9 @@ class Api(Protocol):
     def telemetry_values(self) -> dict[str, Any]: ...
     def offer_input(self, frame: shm.Frame) -> None: ...
     def offer_control(self, k: int, frame: shm.Frame) -> None: ...  # raises ValueError for an unknown k
+    def preset_names(self) -> list[str]: ...
+    def recall_preset(self, name: str) -> int: ...  # raises PresetError, params.ParamError
+    def save_preset(self, name: str) -> None: ...  # raises PresetError
 
 
 @dataclass
@@ -261,9 +265,10 @@ class Session:
                 raise MessageError("invalid_message", f"\"id\" is a number or a string of at most {MAX_ID_LENGTH} "
                                    "characters")
             kind = message.get("type")
-            handler = {"set": self._set, "get": self._get, "subscribe": self._subscribe}.get(kind)  # type: ignore[arg-type]
+            handler = {"set": self._set, "get": self._get, "subscribe": self._subscribe,
+                       "preset": self._preset}.get(kind)  # type: ignore[arg-type]
             if handler is None:
-                raise MessageError("unknown_type", f"unknown message type {kind!r}; expected set, get or subscribe")
+                raise MessageError("unknown_type", f"unknown message type {kind!r}; expected set, get, subscribe or preset")
             return handler(message, id)
         except MessageError as e:
             return [error_message(e.code, str(e), id)]
@@ -279,6 +284,25 @@ class Session:
         except params.ParamError as e:
             raise MessageError("invalid_params", str(e)) from None
         return [{"type": "ack", "id": id, "state_version": version}]
+
+    def _preset(self, message: dict[str, Any], id: Any) -> list[dict[str, Any]]:
+        """{"type": "preset", "save": NAME} or {"type": "preset", "recall": NAME} (one of them); answered
+        with an ack that lists the presets."""
+        actions = [key for key in ("save", "recall") if key in message]
+        if len(actions) != 1 or not isinstance(message[actions[0]], str):
+            raise MessageError("invalid_message", "preset takes \"save\": NAME or \"recall\": NAME")
+        name = message[actions[0]]
+        try:
+            if actions[0] == "recall":
+                version = self.api.recall_preset(name)
+            else:
+                self.api.save_preset(name)
+                version = self.api.snapshot().version
+        except PresetError as e:
+            raise MessageError("invalid_preset", str(e)) from None
+        except params.ParamError as e:
+            raise MessageError("invalid_params", f"preset {name!r}: {e}") from None
+        return [{"type": "ack", "id": id, "state_version": version, "presets": self.api.preset_names()}]
 
     def _get(self, message: dict[str, Any], id: Any) -> list[dict[str, Any]]:
         return [state_message(self.api.snapshot(), id=id)]

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -126,7 +127,8 @@ class DaemonProcess:
         self.argv = [*SDBRIDGE, "serve", "--model", "tiny", "--instance", self.instance,
                      "--osc-port", str(self.osc_port), "--telemetry-port", str(self.telemetry.sock.getsockname()[1]),
                      "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height),
-                     "--http-port", str(self.http_port), "--oscquery-port", str(self.oscquery_port), "--no-mdns", *extra]
+                     "--http-port", str(self.http_port), "--oscquery-port", str(self.oscquery_port), "--no-mdns",
+                     "--presets-dir", str(Path(tempfile.gettempdir()) / f"sdbridge-test-presets-{self.instance}"), *extra]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,

@@ -24,46 +24,53 @@ def bundle(*messages):
     return b.build().dgram
 
 
+def read(data: bytes) -> tuple[dict, list]:
+    """A datagram's change set and errors (no presets)."""
+    packet = osc.read_packet(data)
+    assert packet.saves == []
+    return packet.changes, packet.errors
+
+
 def test_one_message_sets_one_parameter():
-    assert osc.changes_from_packet(message("/seed", 7).dgram) == ({"seed": 7}, [])
-    assert osc.changes_from_packet(message("/strength", 1).dgram) == ({"strength": 1.0}, [])
+    assert read(message("/seed", 7).dgram) == ({"seed": 7}, [])
+    assert read(message("/strength", 1).dgram) == ({"strength": 1.0}, [])
 
 
 def test_a_bundle_is_one_change_set():
-    changes, errors = osc.changes_from_packet(bundle(message("/seed", 1), message("/prompt", "x")))
+    changes, errors = read(bundle(message("/seed", 1), message("/prompt", "x")))
     assert changes == {"seed": 1, "prompt": "x"} and errors == []
 
 
 def test_every_bad_message_in_a_bundle_is_reported():
-    _, errors = osc.changes_from_packet(bundle(message("/seed", "a"), message("/nope", 1), message("/steps", 2)))
+    _, errors = read(bundle(message("/seed", "a"), message("/nope", 1), message("/steps", 2)))
     assert len(errors) == 2 and "seed" in errors[0] and "/nope" in errors[1]
 
 
 def test_resolution_sets_width_and_height_together():
-    assert osc.changes_from_packet(message("/resolution", 640, 384).dgram) == ({"width": 640, "height": 384}, [])
-    _, errors = osc.changes_from_packet(message("/resolution", 640).dgram)
+    assert read(message("/resolution", 640, 384).dgram) == ({"width": 640, "height": 384}, [])
+    _, errors = read(message("/resolution", 640).dgram)
     assert "2 arguments" in errors[0]
 
 
 def test_norm_scales_a_fader_onto_the_range():
-    changes, _ = osc.changes_from_packet(message("/norm/guidance_scale", 0.5).dgram)
+    changes, _ = read(message("/norm/guidance_scale", 0.5).dgram)
     assert changes == {"guidance_scale": 10.0}
 
 
 def test_osc_true_and_false_play_booleans():
-    assert osc.changes_from_packet(message("/pause", True).dgram)[0] == {"pause": True}
+    assert read(message("/pause", True).dgram)[0] == {"pause": True}
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00garbage\xff", b"/seed\x00\x00\x00,i\x00\x00", b"#bundle\x00" + b"\xff" * 12,
                                   message("/seed", 1).dgram[:-2]])
 def test_unreadable_packets_are_errors_not_exceptions(data):
-    changes, errors = osc.changes_from_packet(data)
+    changes, errors = read(data)
     assert changes == {} and len(errors) == 1
 
 
 def test_a_message_with_no_argument_is_refused():
     data = b"/seed\x00\x00\x00,\x00\x00\x00"
-    _, errors = osc.changes_from_packet(data)
+    _, errors = read(data)
     assert "1 argument" in errors[0]
 
 
@@ -74,14 +81,42 @@ def test_telemetry_encoding_is_plain_osc():
 
 
 def test_list_addresses_take_all_their_arguments():
-    assert osc.changes_from_packet(message("/prompts", "a fox", 0.75, "a city", 0.25).dgram) == \
+    assert read(message("/prompts", "a fox", 0.75, "a city", 0.25).dgram) == \
         ({"prompts": (("a fox", 0.75), ("a city", 0.25))}, [])
-    assert osc.changes_from_packet(message("/seeds", 1, 1.0, 2, 0.5).dgram)[0] == {"seeds": ((1, 1.0), (2, 0.5))}
-    assert osc.changes_from_packet(message("/t_index_list", 0, 16, 32).dgram)[0] == {"t_index_list": (0, 16, 32)}
-    assert osc.changes_from_packet(message("/t_index_list").dgram)[0] == {"t_index_list": ()}
+    assert read(message("/seeds", 1, 1.0, 2, 0.5).dgram)[0] == {"seeds": ((1, 1.0), (2, 0.5))}
+    assert read(message("/t_index_list", 0, 16, 32).dgram)[0] == {"t_index_list": (0, 16, 32)}
+    assert read(message("/t_index_list").dgram)[0] == {"t_index_list": ()}
 
 
 def test_lora_addresses_name_the_lora_and_take_a_fader_too():
-    assert osc.changes_from_packet(message("/lora/film grain", 0.5).dgram)[0] == {"lora/film grain": 0.5}
-    assert osc.changes_from_packet(message("/norm/lora/x", 0.5).dgram)[0] == {"lora/x": 0.0}
-    assert "unknown OSC address /lora/" in osc.changes_from_packet(message("/lora/", 1.0).dgram)[1][0]
+    assert read(message("/lora/film grain", 0.5).dgram)[0] == {"lora/film grain": 0.5}
+    assert read(message("/norm/lora/x", 0.5).dgram)[0] == {"lora/x": 0.0}
+    assert "unknown OSC address /lora/" in read(message("/lora/", 1.0).dgram)[1][0]
+
+
+def test_a_recalled_preset_is_a_change_set_merged_in_the_bundles_order():
+    presets = {"calm": {"strength": 0.2, "seed": 5}}
+    data = bundle(message("/seed", 1), message("/preset/recall", "calm"), message("/strength", 0.75))
+    changes, errors, saves = osc.read_packet(data, recall=lambda name: presets[name])
+    assert (changes, errors, saves) == ({"seed": 5, "strength": 0.75}, [], [])
+
+
+def test_preset_saves_are_listed_to_run_after_the_changes():
+    packet = osc.read_packet(bundle(message("/strength", 0.25), message("/preset/save", "mine")))
+    assert packet == ({"strength": 0.25}, [], ["mine"])
+
+
+@pytest.mark.parametrize("args, words", [((), "takes 1 argument"), ((3,), "preset name"), (("a", "b"), "takes 1")])
+def test_preset_messages_take_one_name(args, words):
+    for address in ("/preset/save", "/preset/recall"):
+        errors = osc.read_packet(message(address, *args).dgram, recall=dict).errors
+        assert len(errors) == 1 and words in errors[0]
+
+
+def test_a_preset_that_cannot_be_recalled_refuses_the_datagram():
+    def recall(name):
+        raise ValueError(f"preset {name!r} not found")
+
+    packet = osc.read_packet(bundle(message("/seed", 1), message("/preset/recall", "nope")), recall=recall)
+    assert packet.errors == ["preset 'nope' not found"]
+    assert "not available" in osc.read_packet(message("/preset/recall", "x").dgram).errors[0]

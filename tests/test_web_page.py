@@ -285,3 +285,18 @@ def test_the_page_fits_a_phone_screen(browser, web_daemon):
         assert page.locator('[data-randomise="seed"]').bounding_box()["height"] >= 40  # a fingertip
     finally:
         page.context.close()
+
+
+def test_presets_are_saved_and_recalled_from_the_page(page, web_daemon):
+    page.fill("#preset-name", "page look")
+    page.click("#preset-save")
+    page.wait_for_selector('[data-preset="page look"]', timeout=TIMEOUT_S * 1000)
+    saved = get_json(web_daemon, "/api/state")["params"]["strength"]
+    other = 0.25 if saved != 0.25 else 0.75
+    control(page, "strength").fill(str(other))
+    control(page, "strength").dispatch_event("change")
+    wait_for_state(web_daemon, lambda p: p["strength"] == pytest.approx(other))
+    page.click('[data-preset="page look"]')
+    wait_for_state(web_daemon, lambda p: p["strength"] == pytest.approx(saved))
+    page.wait_for_function(f"Number(document.querySelector('[data-param=strength]').value) === {saved}",
+                           timeout=TIMEOUT_S * 1000)

@@ -331,6 +331,45 @@
     return controls;
   }
 
+  /**
+   * The presets section: a button per preset recalls it (one tap on a phone), a name and Save store the
+   * whole state under that name. `send(message)` sends a preset message; the list comes from the
+   * schema and then from each preset ack.
+   */
+  class PresetPanel {
+    constructor(send) {
+      this.send = send;
+      this.list = h("div", {class: "preset-list", id: "preset-list"});
+      this.name = h("input", {type: "text", id: "preset-name", maxlength: 64, placeholder: "name",
+        autocomplete: "off", "aria-label": "Preset name"});
+      const save = h("button", {type: "button", id: "preset-save", text: "Save"});
+      save.addEventListener("click", () => this.save());
+      this.name.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" && !event.isComposing) this.save();
+      });
+      this.section = h("details", {class: "section", open: true, dataset: {section: "presets"}},
+        h("summary", {text: "Presets"}),
+        h("div", {class: "section-body"}, this.list,
+          h("div", {class: "field preset-save", title: "Store every parameter under this name (a TOML file in the daemon's presets folder)"},
+            this.name, save)));
+    }
+
+    show(names) {
+      this.list.replaceChildren(...names.map((name) => {
+        const button = h("button", {type: "button", class: "preset", dataset: {preset: name}, text: name,
+          title: `Recall ${name}`});
+        button.addEventListener("click", () => this.send({type: "preset", recall: name}));
+        return button;
+      }));
+      if (!names.length) this.list.append(h("p", {class: "muted", text: "No presets yet: name the current look and save it."}));
+    }
+
+    save() {
+      const name = this.name.value.trim();
+      if (name) this.send({type: "preset", save: name});
+    }
+  }
+
   // ------------------------------------------------------------------------------------------ sending
 
   /**
@@ -544,6 +583,7 @@
       this.schemaLoad = null;        // the schema fetch under way, if any
       this.unknownNames = "";        // state names the controls lack, last time the schema was fetched for them
       this.preview = new Preview(byId("preview"), byId("frame-info"));
+      this.presets = new PresetPanel((message) => this.connection.send({...message, id: this.nextRequestId++}));
       this.connection = new Connection({
         onOpen: () => this.connected(),
         onMessage: (message) => this.receive(message),
@@ -596,6 +636,8 @@
       const container = byId("controls");
       container.replaceChildren();
       this.controls = buildControls(container, schema.params, this.ui);
+      container.prepend(this.presets.section);
+      this.presets.show(schema.presets || []);
       byId("instance").textContent = `${schema.instance} · OSC ${schema.osc_port}`;
       document.title = `sdbridge · ${schema.instance}`;
       for (const name of this.controls.keys()) this.refresh(name);
@@ -623,6 +665,7 @@
           return this.applyState(message);
         case "ack": {
           const names = this.outbox.settle(message.id, message.state_version);
+          if (Array.isArray(message.presets)) this.presets.show(message.presets); // a preset saved or recalled
           this.outbox.confirm(this.version); // the state push may have come before its ack
           for (const name of names) this.refresh(name);
           return;

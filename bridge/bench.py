@@ -699,9 +699,10 @@ def run(settings: Settings, initial: Mapping[str, Any] | None = None,
     else:
         control = ("/seed", (1001, 1002))
     instance = f"bench{os.getpid() % 100000}"
-    # A private instance and ports, so that a benchmark never disturbs a running show; rings that fit.
-    settings = replace(settings, instance=instance, osc_port=0, telemetry_port=osc.free_udp_port(),
-                       max_width=max(settings.max_width, width), max_height=max(settings.max_height, height))
+    # A private instance and ports, unadvertised, so that a benchmark never disturbs a running show;
+    # rings that fit.
+    settings = replace(settings, instance=instance, osc_port=0, telemetry_port=osc.free_udp_port(), http_port=0,
+                       oscquery_port=0, mdns=False, max_width=max(settings.max_width, width), max_height=max(settings.max_height, height))
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # not on Windows
 

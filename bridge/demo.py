@@ -57,9 +57,9 @@ class DemoResult:
 def run(settings: Settings, initial: Mapping[str, Any] | None = None, seconds: float = 12.0,
         out_dir: str | Path = ".", input_fps: float = 30.0) -> DemoResult:
     """Run the demo against a fresh in-process daemon and return its figures."""
-    # A private instance, OSC port and telemetry port, so that a demo never disturbs a running show.
+    # A private instance and ports, unadvertised, so that a demo never disturbs a running show.
     settings = replace(settings, instance=f"demo{os.getpid() % 100000}", osc_port=0,
-                       telemetry_port=osc.free_udp_port())
+                       telemetry_port=osc.free_udp_port(), http_port=0, oscquery_port=0, mdns=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Daemon(settings, initial) as daemon:

@@ -207,8 +207,8 @@ def test_frames_keep_coming_with_the_old_prompt_while_a_new_one_is_encoded():
 
     from .conftest import gradient, unique_instance
 
-    settings = Settings(instance=unique_instance("fp"), osc_port=0, telemetry_port=free_udp_port(),
-                        max_width=128, max_height=128)
+    settings = Settings(instance=unique_instance("fp"), osc_port=0, telemetry_port=free_udp_port(), http_port=0,
+                        oscquery_port=0, mdns=False, max_width=128, max_height=128)
     with Daemon(settings, {"width": 64, "height": 64, "prompt": "a red fox"}) as daemon:
         assert daemon.wait_ready(120)
         stream = daemon.loop.stream
@@ -313,8 +313,8 @@ def test_work_handed_to_the_render_thread_runs_there_between_frames():
 
     from .conftest import unique_instance
 
-    settings = Settings(instance=unique_instance("fp"), osc_port=0, telemetry_port=free_udp_port(),
-                        max_width=128, max_height=128)
+    settings = Settings(instance=unique_instance("fp"), osc_port=0, telemetry_port=free_udp_port(), http_port=0,
+                        oscquery_port=0, mdns=False, max_width=128, max_height=128)
     with Daemon(settings, {"width": 64, "height": 64}) as daemon:
         assert daemon.wait_ready(120)
         where = daemon.loop.call_between_frames(

@@ -169,9 +169,9 @@ class Daemon:
             self._telemetry_loop.cancel()
         if self._transport is not None:
             self._transport.close()
-        for server in (self.web, self.oscquery):
-            if server is not None:
-                await server.close()
+        # together: each cuts clients that cannot take the closing handshake within about two seconds
+        await asyncio.gather(*(server.close() for server in (self.web, self.oscquery) if server is not None),
+                             return_exceptions=True)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the model is loaded (or failed to load); True if it is serving."""
@@ -196,7 +196,10 @@ class Daemon:
             self._aio.call_soon_threadsafe(self._aio.stop)
             if self._aio_thread is not None:
                 self._aio_thread.join(5)
-            self._aio.close()
+            if self._aio_thread is None or not self._aio_thread.is_alive():
+                self._aio.close()  # a stuck loop is left to die with the process: the rings go regardless
+            else:
+                log.warning("the network thread did not stop within 5 s")
         for ring in (self.ring_in, self.ring_out, *self.control_rings):
             if ring is not None:
                 ring.close()

@@ -5,12 +5,14 @@ Three layers, as in the rest of `bridge`:
 
 - pure: `tree` turns the parameter schema and the current state into the namespace JSON, `respond`
   answers an HTTP request target against it (`/`, `/strength`, `/strength?VALUE`, `/?HOST_INFO`),
-  `host_info` describes the server, `arguments` gives every node's value as OSC arguments and
-  `listen_command` reads the client's LISTEN/IGNORE messages. No sockets, no threads.
+  `host_info` describes the server, `addresses` lists the nodes' OSC addresses, `arguments` gives every
+  node's value as OSC arguments and `listen_command` reads the client's LISTEN/IGNORE messages. No
+  sockets, no threads.
 - `OscQueryServer`: HTTP and WebSocket on one port (the `websockets` library answers plain GETs through
-  `process_request`). Over the WebSocket a client may LISTEN to nodes and then receives a binary OSC
-  message with a node's value whenever the state changes it, and a PATH_CHANGED notice when the set of
-  parameters changes.
+  `process_request`), for this machine's clients only (`bridge.web.refuse_foreign`: no page from another
+  site). Over the WebSocket a client may LISTEN to nodes and then receives a binary OSC message with a
+  node's value whenever the state changes it, and a PATH_CHANGED notice when the set of parameters
+  changes; a client that stops reading holds up only itself.
 - `Advertiser`: mDNS/DNS-SD records `_oscjson._tcp` (this server) and `_osc._udp` (the OSC port).
 
 What the namespace holds: one node `/<name>` per parameter of `bridge.params` (names with "/" become
@@ -19,13 +21,17 @@ nested containers: `/lora/<name>`, `/controlnet/<k>/scale`), plus the composite 
 they are another spelling of the ranged parameters (0..1 of the range), and listing them would show
 every fader twice. `/preset/save|recall` are not parameters and are not listed either.
 
+Left out of the namespace, though OSC still plays them: the list parameters (`/prompts` s f [s f ...],
+`/seeds` i f [i f ...], `/t_index_list` i [i ...]), since an OSCQuery TYPE cannot say "this entry, any number
+of times": a node's VALUE has one item per TYPE tag, and one that is empty or longer may make strict clients
+(ossia, Chataigne) refuse the node or the whole tree. And every parameter whose name OSC 1.0 does not allow
+in an address (only printable ASCII other than space # * , ? [ ] { }; a LoRA file may be called anything):
+its address would be invalid for the same clients.
+
 How parameters map onto OSCQuery attributes:
 
 - TYPE: float "f", int "i", str "s", bool "T" (OSCQuery's boolean; clients send T or F, and the OSC
-  server takes both). A list parameter's TYPE is the type tags of one entry ("sf" for `/prompts`, "if"
-  for `/seeds`, "i" for `/t_index_list`); any number of entries follow one another in one message, as
-  its DESCRIPTION says, and its VALUE lists every entry's values flat, the way the OSC message carries
-  them (so VALUE may hold more items than TYPE has tags, or none for an empty list).
+  server takes both).
 - RANGE: `{"MIN", "MAX"}` for bounded numbers, `{"VALS"}` for choices, JSON null for an item without
   one. CLIPMODE "both" on every bounded number: a hint that nothing outside RANGE is used (the daemon
   refuses such a value rather than clamping it; clients that clamp on their side never send one).
@@ -43,15 +49,16 @@ import logging
 import re
 import socket
 import threading
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import osc, params
-from .web import QuietLogger, http_response, json_response
+from . import osc
+from .web import QuietLogger, http_response, json_response, refuse_foreign
 from .params import Param
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,9 @@ _CONTAINER_DOCS = {
 }
 POLL_S = 0.02  # how often the state version is checked while WebSocket clients are connected
 CLOSE_TIMEOUT_S = 1.0  # how long a client that does not close its end may hold up shutting the server down
+# Characters OSC 1.0 does not allow in an address part, besides "/" (which separates parts) and anything
+# that is not printable ASCII.
+_NOT_IN_ADDRESS = frozenset(" #*,?[]{}")
 
 
 class OscQueryError(ValueError):
@@ -89,14 +99,30 @@ def tree(parameters: Sequence[Param], values: Mapping[str, Any], name: str) -> d
     (name -> value); `name` names the root, as HOST_INFO's NAME does.
     """
     root = _container("/", f"{name}: every sdbridge parameter, one OSC method each")
+    parameters = listed(parameters)
     by_name = {p.name: p for p in parameters}
     for param in parameters:
         _insert(root, param.name, _method(param, values.get(param.name, param.default)))
-    for address, names in osc.COMPOSITE.items():
-        if all(n in by_name for n in names):
-            members = [by_name[n] for n in names]
-            _insert(root, address.strip("/"), _composite(address, members, values))
+    for address, members in _composites(by_name).items():
+        _insert(root, address.strip("/"), _composite(address, members, values))
     return root
+
+
+def listed(parameters: Sequence[Param]) -> tuple[Param, ...]:
+    """The parameters the namespace lists: no list parameters, none with a name OSC does not allow in an
+    address (see the module docstring)."""
+    return tuple(p for p in parameters if p.kind is not tuple and _osc_address_ok(p.name))
+
+
+def _osc_address_ok(name: str) -> bool:
+    """Whether "/" + `name` is an address OSC 1.0 allows: parts of printable ASCII but _NOT_IN_ADDRESS."""
+    return all(part and all(" " < c <= "~" and c not in _NOT_IN_ADDRESS for c in part) for part in name.split("/"))
+
+
+def _composites(by_name: Mapping[str, Param]) -> dict[str, list[Param]]:
+    """The composite addresses whose parameters are all listed, with those parameters."""
+    return {address: [by_name[n] for n in names] for address, names in osc.COMPOSITE.items()
+            if all(n in by_name for n in names)}
 
 
 def _container(path: str, description: str | None = None) -> dict[str, Any]:
@@ -127,14 +153,10 @@ def _container_doc(path: str) -> str | None:
 
 
 def _method(param: Param, value: Any) -> dict[str, Any]:
-    """The node of one parameter."""
-    kinds = param.entry if param.kind is tuple else (param.kind,)
+    """The node of one (scalar) parameter."""
     node: dict[str, Any] = {"FULL_PATH": "/" + param.name, "ACCESS": ACCESS_READ_WRITE,
-                            "TYPE": "".join(_TYPE_TAGS[k] for k in kinds),
-                            "VALUE": _flat(params.json_value(value)),
-                            "DESCRIPTION": _describe(param)}
-    ranges = [_range(*_bounds(param, i, kind), param.choices if kind is str else ()) for i, kind in enumerate(kinds)]
-    _add_ranges(node, ranges)
+                            "TYPE": _TYPE_TAGS[param.kind], "VALUE": [value], "DESCRIPTION": param.doc}
+    _add_ranges(node, [_range(param.minimum, param.maximum, param.choices)])
     return node
 
 
@@ -142,21 +164,11 @@ def _composite(address: str, members: Sequence[Param], values: Mapping[str, Any]
     """The node of an OSC address that sets several parameters at once (/resolution: width, height)."""
     node: dict[str, Any] = {"FULL_PATH": address, "ACCESS": ACCESS_READ_WRITE,
                             "TYPE": "".join(_TYPE_TAGS[p.kind] for p in members),
-                            "VALUE": [params.json_value(values.get(p.name, p.default)) for p in members],
+                            "VALUE": [values.get(p.name, p.default) for p in members],
                             "DESCRIPTION": f"Sets {' and '.join(p.name for p in members)} in one message. "
                                            + " ".join(p.doc for p in members)}
     _add_ranges(node, [_range(p.minimum, p.maximum, p.choices) for p in members])
     return node
-
-
-def _bounds(param: Param, index: int, kind: type) -> tuple[float | None, float | None]:
-    """The bounds an item of `param` is checked against: the rule of `Param._coerce_list` (the number
-    of a pair checks against item_range; everything else against minimum/maximum)."""
-    if kind in (str, bool):
-        return None, None
-    if param.kind is tuple and len(param.entry) > 1 and kind is float:
-        return param.item_range or (None, None)
-    return param.minimum, param.maximum
 
 
 def _range(low: float | None, high: float | None, choices: Sequence[str]) -> dict[str, Any] | None:
@@ -178,28 +190,18 @@ def _add_ranges(node: dict[str, Any], ranges: list[dict[str, Any] | None]) -> No
         node["CLIPMODE"] = clip
 
 
-def _describe(param: Param) -> str:
-    if param.kind is not tuple:
-        return param.doc
-    tags = " ".join(_TYPE_TAGS[k] for k in param.entry)
-    return (f"{param.doc} TYPE is one entry ({tags}); a message carries 0 to {param.max_items} entries one "
-            "after another, and VALUE lists them all the same way.")
-
-
-def _flat(value: Any) -> list[Any]:
-    """A JSON value as OSC arguments: a scalar becomes [value], a list of entries is flattened."""
-    if not isinstance(value, list):
-        return [value]
-    return [item for entry in value for item in (entry if isinstance(entry, list) else [entry])]
+def addresses(parameters: Sequence[Param]) -> frozenset[str]:
+    """The OSC address of every method in the namespace: what a client may LISTEN to."""
+    by_name = {p.name: p for p in listed(parameters)}
+    return frozenset({"/" + name for name in by_name} | set(_composites(by_name)))
 
 
 def arguments(parameters: Sequence[Param], values: Mapping[str, Any]) -> dict[str, list[Any]]:
     """Every method's current value as OSC arguments, by OSC address: what a LISTEN client receives."""
-    out = {"/" + p.name: _flat(params.json_value(values.get(p.name, p.default))) for p in parameters}
-    by_name = {p.name: p for p in parameters}
-    for address, names in osc.COMPOSITE.items():
-        if all(n in by_name for n in names):
-            out[address] = [values.get(n, by_name[n].default) for n in names]
+    by_name = {p.name: p for p in listed(parameters)}
+    out = {"/" + p.name: [values.get(p.name, p.default)] for p in by_name.values()}
+    for address, members in _composites(by_name).items():
+        out[address] = [values.get(p.name, p.default) for p in members]
     return out
 
 
@@ -270,13 +272,37 @@ def path_changed(path: str = "/") -> str:
 
 
 # ---------------------------------------------------------------------------- I/O: HTTP + WebSocket
+@dataclass(eq=False)
+class _Client:
+    """One WebSocket connection and what waits to be sent to it: the newest message of each address it
+    listens to, and whether a PATH_CHANGED notice is due. Bounded whatever the client does: at most one
+    message per address of the namespace."""
+
+    connection: ServerConnection
+    listening: set[str] = field(default_factory=set)
+    pending: dict[str, bytes] = field(default_factory=dict)  # address -> newest OSC message not sent yet
+    path_changed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sender: asyncio.Task | None = None
+
+    def post(self, address: str, message: bytes) -> None:
+        self.pending[address] = message  # replaces one not sent yet, keeping its turn
+        self.wake.set()
+
+    def post_path_changed(self) -> None:
+        self.path_changed = True
+        self.wake.set()
+
+
 class OscQueryServer:
     """Serves the namespace over HTTP and streams LISTENed values over a WebSocket, on one port.
 
-    `parameters()` returns the parameters served now and `values()` (state_version, values); both are
-    called on the asyncio thread, per HTTP request and, while WebSocket clients are connected, every
-    POLL_S to spot changes. Binary OSC packets a client sends over the WebSocket go to `on_osc`
-    (the daemon's OSC handling) when given, and are dropped otherwise.
+    `parameters()` returns the parameters served now and `values()` (state_version, values).
+    `parameters()` may be slow (it may list the models folders), so it is called on a worker thread, per
+    HTTP request and whenever the state changes while WebSocket clients are connected; `values()` is
+    called on the asyncio thread, every POLL_S while WebSocket clients are connected, to spot changes.
+    Binary OSC packets a client sends over the WebSocket go to `on_osc` (the daemon's OSC handling)
+    when given, and are dropped otherwise.
     """
 
     def __init__(self, parameters: Callable[[], Sequence[Param]],
@@ -288,7 +314,8 @@ class OscQueryServer:
         self._info = host_info(name, osc_ip, osc_port)
         self._on_osc = on_osc
         self._server: Server | None = None
-        self._sessions: dict[ServerConnection, set[str]] = {}  # connection -> addresses it listens to
+        self._clients: dict[ServerConnection, _Client] = {}
+        self._addresses: frozenset[str] = frozenset()  # the namespace's addresses, as last looked at
         self._watch_task: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -308,39 +335,64 @@ class OscQueryServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        """Stop serving and close every WebSocket connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop serving and close every WebSocket connection, within about CLOSE_TIMEOUT_S + 1.5 s whatever
+        the clients do: one that stopped reading is cut off."""
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        try:
+            await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT_S + 0.5)
+        except asyncio.TimeoutError:  # the same as TimeoutError from Python 3.11
+            # A client that stopped reading: the close frame waits behind what it has not read, and
+            # close_timeout only counts once the frame is out. Cut such connections off. (Not through
+            # server.connections: it leaves out connections that are closing, which these are.)
+            for client in list(self._clients.values()):
+                client.connection.transport.abort()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:  # a connection that never finished its handshake; it ends at its open_timeout
+                log.warning("OSCQuery: a connection is still open after closing; leaving it to time out")
+        for client in self._clients.values():
+            if client.sender is not None:
+                client.sender.cancel()
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer a plain HTTP request; let a WebSocket upgrade through (None)."""
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer a plain HTTP request; let a WebSocket upgrade through (None). Both for this machine's
+        clients only: 403 for a request that a page from another site could have made."""
+        # Reads are refused too, not only the WebSocket (which takes OSC: a page that opened one could change
+        # anything, /preset/save included). A cross-origin GET, which browsers send with an Origin, would let
+        # a page on any website read the prompts. OSCQuery's clients are applications (VDMX, MadMapper,
+        # Chataigne, ossia score) that send no Origin and pass; a browser-based client would have to come
+        # from this origin, and this port serves no page. Hence no Access-Control-Allow-Origin either: no
+        # cross-origin request gets an answer for it to allow.
+        refused = refuse_foreign(request)
+        if refused is not None:
+            return refused
         if request.method == "GET" and "websocket" in request.headers.get("Upgrade", "").lower():
             return None
         if request.method != "GET":
             return _response(http.HTTPStatus.METHOD_NOT_ALLOWED, None, ("Allow", "GET"))
         _, values = self._values()
-        return _response(*respond(request.path, tree(self._parameters(), values, self._name), self._info))
+        return await asyncio.to_thread(self._answer, request.path, values)
+
+    def _answer(self, target: str, values: Mapping[str, Any]) -> Response:
+        """The answer to a GET of `target`; on a worker thread, since `parameters()` may be slow."""
+        return _response(*respond(target, tree(self._parameters(), values, self._name), self._info))
 
     async def _session(self, connection: ServerConnection) -> None:
         """One WebSocket client: LISTEN/IGNORE commands as text, OSC packets as binary messages."""
-        listening: set[str] = set()
-        self._sessions[connection] = listening
+        client = self._clients[connection] = _Client(connection)
+        client.sender = asyncio.get_running_loop().create_task(self._send_forever(client))
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         try:
             async for message in connection:
                 if isinstance(message, str):
-                    try:
-                        command, address = listen_command(message)
-                    except OscQueryError as e:
-                        log.debug("OSCQuery client %s: %s", connection.remote_address, e)
-                        continue
-                    (listening.add if command == "LISTEN" else listening.discard)(address)
+                    await self._command(client, message)
                 elif self._on_osc is not None:
                     self._on_osc(bytes(message))
                 else:
@@ -349,40 +401,86 @@ class OscQueryServer:
         except ConnectionClosed:
             pass
         finally:
-            del self._sessions[connection]
+            del self._clients[connection]
+            client.sender.cancel()
+
+    async def _command(self, client: _Client, message: str) -> None:
+        """LISTEN to a node of the namespace as it is now, or IGNORE one; anything else is ignored."""
+        try:
+            command, address = listen_command(message)
+        except OscQueryError as e:
+            log.debug("OSCQuery client %s: %s", client.connection.remote_address, e)
+            return
+        if command == "IGNORE":
+            client.listening.discard(address)
+            client.pending.pop(address, None)
+            return
+        if address not in self._addresses:  # or a node added since they were last looked at
+            self._addresses = addresses(await asyncio.to_thread(self._parameters))
+        if address not in self._addresses:
+            log.debug("OSCQuery client %s: LISTEN %s ignored: no such node", client.connection.remote_address,
+                      address[:80])
+            return
+        client.listening.add(address)
+
+    @staticmethod
+    async def _send_forever(client: _Client) -> None:
+        """Send what waits for this client, PATH_CHANGED first; one message at a time, so a client that
+        reads slowly or not at all holds up only itself, and what waits for it is replaced, not queued."""
+        try:
+            while True:
+                await client.wake.wait()
+                client.wake.clear()
+                while client.path_changed or client.pending:
+                    if client.path_changed:
+                        client.path_changed = False
+                        message: str | bytes = path_changed("/")
+                    else:
+                        address = next(iter(client.pending))
+                        message = client.pending.pop(address)
+                    await client.connection.send(message)
+        except ConnectionClosed:
+            pass
 
     async def _watch(self) -> None:
-        """While clients are connected: on every state change, send each listener the OSC messages of
-        the nodes it listens to whose value changed, and everyone PATH_CHANGED when the parameters did."""
-        version, values = self._values()
-        parameters = tuple(self._parameters())
-        sent = arguments(parameters, values)
-        while self._sessions:
-            await asyncio.sleep(POLL_S)
-            try:
+        """While clients are connected: on every state change, post each client the OSC messages of
+        the nodes it listens to whose value changed, and PATH_CHANGED when the parameters did. It never
+        waits on a client."""
+        try:
+            version, values = self._values()
+            parameters, sent = await asyncio.to_thread(self._arguments, values)
+            self._addresses = frozenset(sent)
+            while self._clients:
+                await asyncio.sleep(POLL_S)
                 latest, values = self._values()
                 if latest == version:
                     continue
                 version = latest
-                sends: list[Awaitable[None]] = []
-                now_parameters = tuple(self._parameters())
+                now_parameters, now = await asyncio.to_thread(self._arguments, values)
                 if now_parameters != parameters:
                     parameters = now_parameters
-                    sends += [connection.send(path_changed("/")) for connection in self._sessions]
-                now = arguments(parameters, values)
+                    self._addresses = frozenset(now)
+                    for client in self._clients.values():
+                        client.post_path_changed()
                 changed = {address for address, args in now.items() if sent.get(address) != args}
                 sent = now
-                sends += [connection.send(osc.encode(address, *now[address]))
-                          for connection, listening in self._sessions.items() for address in changed & listening]
-            except Exception:  # a bug here must not take the server down; LISTEN resumes with the next client
-                log.exception("OSCQuery: watching the state failed; LISTEN stops until a client reconnects")
-                return
-            await asyncio.gather(*sends, return_exceptions=True)  # a client that went away is not an error
+                messages: dict[str, bytes] = {}
+                for client in self._clients.values():
+                    for address in changed & client.listening:
+                        if address not in messages:
+                            messages[address] = osc.encode(address, *now[address])
+                        client.post(address, messages[address])
+        except Exception:  # a bug here must not take the server down; LISTEN resumes with the next client
+            log.exception("OSCQuery: watching the state failed; LISTEN stops until a client reconnects")
+
+    def _arguments(self, values: Mapping[str, Any]) -> tuple[tuple[Param, ...], dict[str, list[Any]]]:
+        """(the parameters now, every node's arguments); on a worker thread, since `parameters()` may be slow."""
+        parameters = tuple(self._parameters())
+        return parameters, arguments(parameters, values)
 
 
 def _response(status: int, body: Any, *fields: tuple[str, str]) -> Response:
-    """An HTTP response carrying `body` as JSON (none for None); pages from any origin may read it."""
-    fields = (("Access-Control-Allow-Origin", "*"), *fields)
+    """An HTTP response carrying `body` as JSON (none for None)."""
     return http_response(status, b"", None, *fields) if body is None else json_response(body, status, *fields)
 
 

@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -338,7 +338,8 @@ class NewestFrames:
     protocol, which is raised once rather than at every read.
 
     Frames may also come by another path than the ring (a network client): `offer` hands one in from
-    any thread, and `take` returns the newer of it and the ring's newest, by written_ns."""
+    any thread, and `take` returns the newer of it and the ring's newest: the one that arrived last
+    (an offered frame's written_ns is when it was offered)."""
 
     def __init__(self, ring: Ring):
         self.ring = ring
@@ -356,9 +357,10 @@ class NewestFrames:
             raise ValueError(f"a frame is (height, width, 1|3|4) pixels of uint8, uint16, float16 or float32 "
                              f"matching its width, height and channels; got {pixels.shape} {pixels.dtype} for "
                              f"{frame.width}x{frame.height}x{frame.channels}")
+        now = time.monotonic_ns()
         with self._lock:
-            self._offered = frame
-            self.offered_ns = time.monotonic_ns()
+            self._offered = replace(frame, written_ns=now)
+            self.offered_ns = now
 
     def take(self, into: np.ndarray | None = None) -> Frame | None:
         """The newest frame if it is newer than the last one taken, else None (`into`: as read_latest, for

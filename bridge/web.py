@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import io
+import ipaddress
 import json
 import logging
+import socket
 import struct
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -65,6 +69,8 @@ DEFAULT_MAX_FPS = 30.0
 MAX_FPS = 240.0
 DEFAULT_JPEG_QUALITY = 80
 EVENTS_KEPT = 32  # errors waiting for a slow client; older ones are dropped
+MAX_CLIENTS = 32  # WebSocket connections at once; more are refused (503)
+CLOSE_TIMEOUT_S = 1.0  # a client gets this long to answer the closing handshake; then its connection is cut
 _PUMP_INTERVAL_S = 0.004  # how often pushes are looked for while anyone subscribes
 
 
@@ -355,11 +361,14 @@ class Session:
 # ---------------------------------------------------------------------------- I/O
 @dataclass(eq=False)
 class _Client:
-    """One connection and what waits to be sent to it: the newest of each kind, a few events."""
+    """One connection, what waits to be sent to it (the newest of each kind, a few events) and the
+    frames it sent that wait to be decoded (the newest per stream)."""
 
     connection: ServerConnection
     session: Session
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inbox: dict = field(default_factory=dict)  # (kind, index) -> the newest binary message not decoded yet
+    inbox_ready: asyncio.Event = field(default_factory=asyncio.Event)
     state: str | None = None
     telemetry: str | None = None
     frame: bytes | None = None
@@ -369,6 +378,14 @@ class _Client:
 
     def post(self) -> None:
         self.wake.set()
+
+    def receive_frame(self, data: bytes) -> None:
+        """Keep a frame message for the decoder; one of the same stream still waiting is replaced (a
+        decoder that falls behind drops stale frames instead of queueing them: latest frame wins)."""
+        key = (data[6], data[7]) if len(data) >= 8 else (0, 0)
+        self.inbox.pop(key, None)  # re-inserted last: streams are decoded in arrival order
+        self.inbox[key] = data
+        self.inbox_ready.set()
 
 
 class WebServer:
@@ -386,6 +403,9 @@ class WebServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._frame_buffer = np.empty(output_ring.slot_capacity, np.uint8)
         self._encoded: dict[tuple[int, int, int], bytes] = {}  # (seq, encoding, quality) -> message, newest seq only
+        # Codec work off the I/O thread, in pools of its own: clients' frames cannot delay the previews.
+        self._decoders = ThreadPoolExecutor(2, "sdbridge-web-decode")
+        self._encoder = ThreadPoolExecutor(1, "sdbridge-web-encode")
 
     @property
     def port(self) -> int:
@@ -397,19 +417,22 @@ class WebServer:
         self._loop = asyncio.get_running_loop()
         try:
             self._server = await serve(self._connection, host, port, process_request=self._http,
-                                       max_size=self.max_frame_bytes + HEADER.size, max_queue=4,
-                                       logger=QuietLogger(log, {}))
+                                       max_size=self.max_frame_bytes + HEADER.size, max_queue=2,
+                                       close_timeout=CLOSE_TIMEOUT_S, logger=QuietLogger(log, {}))
         except OSError as e:
             raise OSError(e.errno, f"cannot listen for HTTP/WebSocket on {host}:{port} ({e.strerror}); is another "
                           "sdbridge running? Choose another --http-port") from e
         self._pump = self._loop.create_task(self._push_forever())
 
     async def close(self) -> None:
+        """Stop serving and close every connection, within about two seconds whatever clients do (one
+        that reads nothing cannot even take the closing handshake: its connection is cut)."""
         if self._pump is not None:
             self._pump.cancel()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            await close_server(self._server, [c.connection for c in self._clients])
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def report_error(self, message: str) -> None:
         """Push an error to telemetry subscribers; from any thread, never raises."""
@@ -429,13 +452,14 @@ class WebServer:
                 client.post()
 
     # ------------------------------------------------------------------ HTTP
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.partition("://")[2] != request.headers.get("Host"):
-            # A page from another site (a browser tab on the internet) may not drive the daemon.
-            return _text_response(HTTPStatus.FORBIDDEN, "cross-origin requests are refused\n")
+        refused = refuse_foreign(request)
+        if refused is not None:
+            return refused
         if path == WS_PATH:
+            if len(self._clients) >= MAX_CLIENTS:
+                return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, f"at most {MAX_CLIENTS} WebSocket clients\n")
             return None  # the WebSocket handshake goes on
         if path in PAGE_FILES:
             filename, content_type = PAGE_FILES[path]
@@ -445,8 +469,8 @@ class WebServer:
                 log.error("web page file missing: %s", e)
                 return _text_response(HTTPStatus.INTERNAL_SERVER_ERROR, "web page missing from the install\n")
             return http_response(HTTPStatus.OK, body, content_type)
-        if path == "/api/schema":
-            return json_response(self.api.schema())
+        if path == "/api/schema":  # lists the models folders: a disk scan, off the I/O thread
+            return json_response(await asyncio.to_thread(self.api.schema))
         if path == "/api/state":
             snapshot = self.api.snapshot()
             return json_response({"state_version": snapshot.version,
@@ -457,37 +481,52 @@ class WebServer:
     async def _connection(self, connection: ServerConnection) -> None:
         client = _Client(connection, Session(self.api))
         self._clients.add(client)
-        sender = asyncio.get_running_loop().create_task(self._send_forever(client))
+        loop = asyncio.get_running_loop()
+        tasks = (loop.create_task(self._send_forever(client)), loop.create_task(self._decode_forever(client)))
         try:
             async for message in connection:
-                for reply in await self._handle(client, message):
-                    await connection.send(json.dumps(reply))
-                if client.session.topics:
-                    self._subscribed.set()
+                if isinstance(message, str):
+                    await self._reply(connection, self._handle_text(client, message))
+                else:
+                    client.receive_frame(message)
         except ConnectionClosed:
             pass
         finally:
             self._clients.discard(client)
-            sender.cancel()
+            for task in tasks:
+                task.cancel()
 
-    async def _handle(self, client: _Client, message: str | bytes) -> list[dict[str, Any]]:
-        session = client.session
-        if isinstance(message, str):
-            replies = session.handle_text(message)
-            if any(r["type"] == "subscribed" for r in replies):
-                client.frame_seq = 0  # a new subscriber gets the newest frame at once
-            return replies
+    def _handle_text(self, client: _Client, message: str) -> list[dict[str, Any]]:
+        replies = client.session.handle_text(message)
+        if any(r["type"] == "subscribed" for r in replies):
+            client.frame_seq = 0  # a new subscriber gets the newest frame at once
+            if client.session.topics:
+                self._subscribed.set()
+        return replies
+
+    @staticmethod
+    async def _reply(connection: ServerConnection, replies: list[dict[str, Any]]) -> None:
+        for reply in replies:
+            await connection.send(json.dumps(reply))
+
+    async def _decode_forever(self, client: _Client) -> None:
+        """Decode the frames this client sent, the newest per stream, one at a time: a client that sends
+        faster than its frames decode loses its stale frames, and costs no one else."""
+        loop = asyncio.get_running_loop()
         try:
-            if len(message) > self.max_frame_bytes + HEADER.size:
-                raise MessageError("message_too_large", f"a binary message is at most {self.max_frame_bytes + HEADER.size} bytes")
-            # Decoding a JPEG takes milliseconds: off the I/O thread. One message at a time per client,
-            # so a client that floods frames waits for itself (TCP pushes back) and no one else.
-            kind, index, frame = await asyncio.get_running_loop().run_in_executor(
-                None, decode_frame, message, self.max_frame_bytes)
-            session.handle_frame(kind, index, frame)
-        except MessageError as e:
-            return [error_message(e.code, str(e))]
-        return []
+            while True:
+                await client.inbox_ready.wait()
+                client.inbox_ready.clear()
+                while client.inbox:
+                    data = client.inbox.pop(next(iter(client.inbox)))
+                    try:
+                        kind, index, frame = await loop.run_in_executor(self._decoders, decode_frame, data,
+                                                                        self.max_frame_bytes)
+                        client.session.handle_frame(kind, index, frame)
+                    except MessageError as e:
+                        await self._reply(client.connection, [error_message(e.code, str(e))])
+        except ConnectionClosed:
+            pass
 
     async def _send_forever(self, client: _Client) -> None:
         """Send what waits for this client, newest first within each kind; one at a time, so a slow
@@ -552,26 +591,63 @@ class WebServer:
         frame = ring.read_latest(into=self._frame_buffer)
         if frame is None:
             return
-        wanted = {(c.session.frames.encoding, c.session.frames.quality) for c in due}
-        encoded = {key: self._encoded[(frame.seq, *key)] for key in wanted if (frame.seq, *key) in self._encoded}
-        missing = [key for key in wanted if key not in encoded]
+        # What each client wants, taken now: a client may subscribe again while the encoding runs.
+        wants = [(c, (c.session.frames.encoding, c.session.frames.quality), c.session.frames.max_fps) for c in due]
+        encoded = {key: self._encoded[(frame.seq, *key)] for _, key, _ in wants if (frame.seq, *key) in self._encoded}
+        missing = list({key for _, key, _ in wants if key not in encoded})
         if missing:
             # Encoding takes milliseconds: off the I/O thread, once per frame and encoding for everyone.
             # The pushes wait for it, so the buffer is not read into meanwhile.
-            results = await asyncio.get_running_loop().run_in_executor(None, self._encode_all, frame, missing)
+            results = await asyncio.get_running_loop().run_in_executor(self._encoder, self._encode_all, frame, missing)
             encoded.update(zip(missing, results))
             self._encoded = {(frame.seq, *key): message for key, message in encoded.items()}
-        for client in due:
-            options = client.session.frames
-            client.frame = encoded[(options.encoding, options.quality)]
+        for client, key, max_fps in wants:
+            client.frame = encoded[key]
             client.frame_seq = frame.seq
-            client.frame_due = now + 1.0 / options.max_fps
+            client.frame_due = now + 1.0 / max_fps
             client.post()
 
     @staticmethod
     def _encode_all(frame: shm.Frame, keys: list[tuple[int, int]]) -> list[bytes]:
         return [encode_frame(frame.pixels, flags=frame.flags, frame_id=frame.frame_id, encoding=encoding,
                              quality=quality) for encoding, quality in keys]
+
+
+def host_allowed(host: str | None) -> bool:
+    """True for a Host header naming this machine the way a performer reaches it: an IP address,
+    localhost, this machine's hostname, or an mDNS name (*.local); with or without a port. Anything else
+    is a name some website resolved to this machine (DNS rebinding) and is refused."""
+    if not host:
+        return False
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rpartition(":")[0] or host
+    name = name.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name.endswith((".localhost", ".local")) or name in _machine_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_names() -> frozenset[str]:
+    machine = socket.gethostname().lower()  # no DNS lookup (getfqdn could hang on a show network)
+    return frozenset((machine, machine.split(".")[0]))
+
+
+def refuse_foreign(request: Request) -> Response | None:
+    """A 403 for a request a web page from another site could have made (this server's and the OSCQuery
+    server's): a Host that is not this machine's (DNS rebinding), or an Origin other than the Host it
+    was sent to (a page from the internet open in the show machine's browser). Clients that are not
+    browsers send no Origin and pass."""
+    hosts, origins = request.headers.get_all("Host"), request.headers.get_all("Origin")
+    host = hosts[0] if len(hosts) == 1 else None  # none or several: refused
+    if not host_allowed(host):
+        return _text_response(HTTPStatus.FORBIDDEN, f"host {', '.join(hosts)!r} refused: reach this daemon by its "
+                              "address, localhost, its hostname or its .local name\n")
+    if len(origins) > 1 or origins and origins[0].partition("://")[2] != host:
+        return _text_response(HTTPStatus.FORBIDDEN, "cross-origin requests are refused\n")
+    return None
 
 
 def http_response(status: int, body: bytes = b"", content_type: str | None = None,
@@ -590,6 +666,24 @@ def http_response(status: int, body: bytes = b"", content_type: str | None = Non
 
 def json_response(value: Any, status: int = HTTPStatus.OK, *fields: tuple[str, str]) -> Response:
     return http_response(status, json.dumps(value, allow_nan=False).encode(), "application/json", *fields)
+
+
+async def close_server(server: Server, connections: Iterable[ServerConnection]) -> None:
+    """Close a websockets server and its `connections` (all it has; the server's own list leaves out those
+    already closing) within about CLOSE_TIMEOUT_S + 1 s: a client that takes no closing handshake (one
+    that stopped reading, so even the close frame cannot be sent) has its connection cut."""
+    server.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(server.wait_closed()), CLOSE_TIMEOUT_S + 0.5)
+        return
+    except asyncio.TimeoutError:
+        pass
+    for connection in list(connections):
+        connection.transport.abort()
+    try:
+        await asyncio.wait_for(server.wait_closed(), 1.0)
+    except asyncio.TimeoutError:
+        log.warning("a server's connections did not close")
 
 
 def _text_response(status: HTTPStatus, text: str) -> Response:

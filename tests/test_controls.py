@@ -235,10 +235,13 @@ def test_offered_frames_are_checked_and_the_newer_of_an_offer_and_a_ring_frame_w
     inputs, _, writer = control()
     writer.write(_picture(50))
     older = writer.read_latest()
+    inputs.offer(0, older)
     writer.write(_picture(200))
+    inputs.poll()
+    assert inputs.images(32, 32)[0].max() == pytest.approx(200 / 255)  # the ring's frame came last
     inputs.offer(0, older)
     inputs.poll()
-    assert inputs.images(32, 32)[0].max() == pytest.approx(200 / 255)  # the ring's frame is newer
+    assert inputs.images(32, 32)[0].max() == pytest.approx(50 / 255)  # now the offered one did
     bad = shm.Frame(**{**older.__dict__, "width": 7})
     with pytest.raises(ValueError, match="matching its width"):
         inputs.offer(0, bad)

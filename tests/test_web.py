@@ -260,3 +260,22 @@ def test_frames_are_handed_to_the_stream_or_to_their_controlnet(session):
     assert session.api.inputs == [frame] and session.api.controls == [(0, frame)]
     with pytest.raises(web.MessageError, match="no ControlNet 3"):
         session.handle_frame(web.CONTROL, 3, frame)
+
+
+def test_a_client_that_sends_faster_than_its_frames_decode_keeps_only_the_newest_per_stream():
+    client = web._Client(connection=None, session=None)
+    messages = [web.encode_frame(_picture(), kind=kind, index=index, frame_id=n)
+                for n, (kind, index) in enumerate([(1, 0), (3, 0), (1, 0), (3, 1), (3, 0)])]
+    for message in messages:
+        client.receive_frame(message)
+    assert list(client.inbox.values()) == [messages[2], messages[3], messages[4]]  # arrival order of the newest
+    assert client.inbox_ready.is_set()
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:9102", True), ("localhost:9102", True), ("[::1]:9102", True), ("192.168.1.20", True),
+    ("studio-pc.local:9102", True), ("rebind.attacker.example:9102", False), ("attacker.example", False),
+    (None, False), ("", False),
+])
+def test_only_hosts_naming_this_machine_are_served(host, allowed):
+    assert web.host_allowed(host) is allowed

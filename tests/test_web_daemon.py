@@ -129,6 +129,30 @@ def test_the_page_and_its_files_are_served_and_nothing_else(d):
         assert e.value.code == 404
 
 
+def test_a_name_that_is_not_this_machines_is_refused_against_dns_rebinding(d):
+    request = urllib.request.Request(d.url + "/api/state", headers={"Host": f"rebind.attacker.example:{d.http_port}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 403
+    with pytest.raises(InvalidStatus) as e:
+        connect(f"ws://127.0.0.1:{d.http_port}/ws", additional_headers={"Host": "rebind.attacker.example"},
+                origin="http://rebind.attacker.example", open_timeout=10)
+    assert e.value.response.status_code == 403
+
+
+def test_websocket_clients_are_capped(d):
+    clients = []
+    try:
+        for _ in range(web.MAX_CLIENTS):
+            clients.append(_client(d))
+        with pytest.raises(InvalidStatus) as e:
+            _client(d)
+        assert e.value.response.status_code == 503
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_a_page_from_another_site_cannot_open_the_websocket(d):
     with pytest.raises(InvalidStatus) as e:
         _client(d, origin="http://evil.example")
@@ -290,3 +314,18 @@ def test_a_message_over_the_size_limit_closes_only_its_own_connection(d):
         assert e.value.rcvd is not None and e.value.rcvd.code == 1009  # message too big
         assert _ask(other, {"type": "get", "id": 1})["type"] == "state"
     d.output_after(lambda o: True, FRAME, timeout=30)
+
+
+def test_the_daemon_stops_at_once_with_a_client_that_reads_nothing(daemon_factory):
+    """A frozen remote machine must not keep a daemon from stopping (and removing its rings)."""
+    d = daemon_factory("--output-dtype", "float32")
+    c = _client(d)
+    _ask(c, {"type": "subscribe", "id": 1, "topics": ["frames", "state", "telemetry"],
+             "frames": {"encoding": "raw", "max_fps": 240}})
+    with _Pump(d):
+        time.sleep(3)  # frames pile up in its socket buffers: it reads none of them
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 8
+    log = d.log_path.read_text()  # the daemon's whole log: it has stopped
+    assert "Task was destroyed" not in log and "did not stop" not in log and "did not close" not in log

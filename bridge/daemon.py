@@ -21,7 +21,7 @@ from engines.bundle import ModelError
 from engines.folders import CHECKPOINTS, LORAS, TAESD, VAE, ModelFolders
 from engines.stream import Stream
 
-from . import oscquery, osc, params, shm
+from . import osc, oscquery, params, shm
 from .builds import EngineService
 from .config import ConfigError, Settings
 from .controls import ControlInputs, ControlPolicy

@@ -327,7 +327,7 @@ class OscQueryServer:
         except OSError as e:
             raise OSError(e.errno, f"cannot serve OSCQuery on {host}:{port} ({e.strerror}); is another program or "
                                    "sdbridge instance using it? Choose another with --oscquery-port") from None
-        log.info("OSCQuery on http://%s:%d", host, self.port)
+        log.debug("OSCQuery on http://%s:%d", host, self.port)
 
     @property
     def port(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -18,7 +20,7 @@ from websockets.sync.client import connect
 
 from bridge import params, shm, web
 
-from .conftest import DaemonProcess, gradient
+from .conftest import ROOT, DaemonProcess, gradient
 
 FRAME = gradient()
 MAX_SIDE = 256  # the daemon's rings: 256 x 256 x 16 bytes a slot, which is also its frame message limit
@@ -329,3 +331,14 @@ def test_the_daemon_stops_at_once_with_a_client_that_reads_nothing(daemon_factor
     assert time.monotonic() - started < 8
     log = d.log_path.read_text()  # the daemon's whole log: it has stopped
     assert "Task was destroyed" not in log and "did not stop" not in log and "did not close" not in log
+
+
+def test_the_websocket_benchmark_runs_and_reports_round_trips():
+    """benchmarks/websocket_frames.py end to end on a small frame (its numbers are printed, not checked)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "websocket_frames.py"), "--width", "64",
+                             "--height", "64", "--seconds", "2", "--input-fps", "10", "--json"],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures["outputs_per_s"] > 0 and figures["round_trip_ms"]["n"] > 0
+    assert figures["round_trip_ms"]["p50"] > 0 and figures["decode_ms"] > 0 and figures["encoding"] == "jpeg"

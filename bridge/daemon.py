@@ -117,8 +117,9 @@ class Daemon:
         self.loop.start()
         log.info("OSC control on udp://%s:%d; telemetry to udp://%s:%d", s.host, self.osc_port,
                  s.telemetry_host, s.telemetry_port)
-        log.info("web control page on http://%s:%d/ (WebSocket /ws); OSCQuery on http://%s:%d/%s", s.host,
-                 self.web.port, s.host, self.oscquery.port, " (advertised over mDNS)" if s.mdns else "")
+        for address in oscquery.reachable_addresses(s.host):  # for 0.0.0.0: the ones to open on a phone
+            log.info("web control page on http://%s:%d/ (WebSocket /ws); OSCQuery on http://%s:%d/%s", address,
+                     self.web.port, address, self.oscquery.port, " (advertised over mDNS)" if s.mdns else "")
         log.info("shared memory: input %s, output %s (%d slots, up to %dx%d)", self.name_in, self.name_out,
                  s.slot_count, s.max_width, s.max_height)
         for k, (name, view) in enumerate(self.control_names):

@@ -545,16 +545,14 @@ class Advertiser:
     def _where(self) -> tuple[Any, list[str]]:
         """(zeroconf interfaces, advertised IPv4 addresses) for the servers' bind address."""
         from zeroconf import InterfaceChoice
+        addresses = reachable_addresses(self.host)
         if self.host in ("0.0.0.0", ""):
-            import ifaddr  # zeroconf's own dependency for listing interfaces
-            found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
-            return InterfaceChoice.All, found or ["127.0.0.1"]
+            return InterfaceChoice.All, addresses
         try:
             socket.inet_aton(self.host)
         except OSError:
             raise ValueError(f"mDNS here advertises IPv4 addresses; host {self.host!r} is not one") from None
-        return [self.host], [self.host]
+        return addresses, addresses
 
     def close(self, timeout: float = 2.0) -> None:
         """Withdraw the records (goodbye packets) and close, within about `timeout` seconds."""
@@ -577,6 +575,18 @@ class Advertiser:
             zc.close()  # unregisters every registered service first
         except Exception as e:
             log.debug("mDNS close: %s", e)
+
+
+def reachable_addresses(host: str) -> list[str]:
+    """The IPv4 addresses other machines reach servers bound to `host` at: every interface's but
+    loopback for 0.0.0.0 (127.0.0.1 where there is none), else `host` itself."""
+    if host not in ("0.0.0.0", ""):
+        return [host]
+    import ifaddr  # zeroconf's own dependency for listing interfaces
+
+    found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+             if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return found or ["127.0.0.1"]
 
 
 def _dns_label(text: str) -> str:

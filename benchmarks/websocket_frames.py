@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -78,12 +77,6 @@ def codec_ms(messages: list[bytes], width: int, height: int, encoding: int) -> t
     return float(np.median(decode)), float(np.median(encode))
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(port: int, daemon: subprocess.Popen, timeout: float = 600.0) -> str:
     """Wait until the daemon serves frames (telemetry says ready); what runs the model (torch, tensorrt)."""
     from websockets.sync.client import connect
@@ -119,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     messages = input_messages(args.width, args.height, encoding)
     decode_ms, encode_ms = codec_ms(messages, args.width, args.height, encoding)
-    port = free_tcp_port()
+    port = web.free_tcp_port()
     side = str(max(1024, args.width, args.height))
     daemon = subprocess.Popen(
         [sys.executable, "-m", "bridge.cli", "serve", "--model", args.model, "--width", str(args.width),

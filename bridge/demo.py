@@ -21,6 +21,7 @@ from pythonosc.udp_client import SimpleUDPClient
 from . import bench_client, osc, shm
 from .config import Settings
 from .daemon import Daemon
+from .web import display_pixels
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _play(ring_in: shm.Ring, ring_out: shm.Ring, osc_client: SimpleUDPClient, se
             first_out = first_out or now
             last_out = now
             if now >= next_sample and out.frame_id in sent:
-                sheet.append((sent[out.frame_id], _top_left_rgb(out)))
+                sheet.append((sent[out.frame_id], display_pixels(out.pixels, out.flags, alpha=False)))
                 next_sample = now + seconds / (2 * SHEET_COLUMNS)
         time.sleep(0.002)
     elapsed = time.monotonic() - start
@@ -131,16 +132,7 @@ def contact_sheet(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Image.Image:
     return sheet
 
 
-def _top_left_rgb(frame: shm.Frame) -> np.ndarray:
-    pixels = frame.pixels[::-1] if frame.bottom_left else frame.pixels
-    if frame.bgr and frame.channels >= 3:
-        pixels = pixels[:, :, [2, 1, 0]]
-    return pixels
-
-
 def _thumb(pixels: np.ndarray) -> Image.Image:
+    """A thumbnail of 8-bit pixels, top row first (an input as drawn, an output through display_pixels)."""
     rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels, 3, axis=2)
-    if rgb.dtype != np.uint8:
-        scale = 65535.0 if rgb.dtype == np.uint16 else 1.0
-        rgb = (rgb.astype(np.float32) / scale * 255).clip(0, 255).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(rgb)).resize((THUMB, THUMB))

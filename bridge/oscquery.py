@@ -58,7 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import osc
-from .web import QuietLogger, http_response, json_response, refuse_foreign
+from .web import CLOSE_TIMEOUT_S, QuietLogger, close_server, http_response, json_response, refuse_foreign
 from .params import Param
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ _CONTAINER_DOCS = {
     "/controlnet": "ControlNets by index k, in the order of the controlnets setting.",
 }
 POLL_S = 0.02  # how often the state version is checked while WebSocket clients are connected
-CLOSE_TIMEOUT_S = 1.0  # how long a client that does not close its end may hold up shutting the server down
 # Characters OSC 1.0 does not allow in an address part, besides "/" (which separates parts) and anything
 # that is not printable ASCII.
 _NOT_IN_ADDRESS = frozenset(" #*,?[]{}")
@@ -336,26 +335,14 @@ class OscQueryServer:
 
     async def close(self) -> None:
         """Stop serving and close every WebSocket connection, within about CLOSE_TIMEOUT_S + 1.5 s whatever
-        the clients do: one that stopped reading is cut off."""
+        the clients do: one that stopped reading is cut off (web.close_server)."""
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
         server, self._server = self._server, None
         if server is None:
             return
-        server.close()
-        try:
-            await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT_S + 0.5)
-        except asyncio.TimeoutError:  # the same as TimeoutError from Python 3.11
-            # A client that stopped reading: the close frame waits behind what it has not read, and
-            # close_timeout only counts once the frame is out. Cut such connections off. (Not through
-            # server.connections: it leaves out connections that are closing, which these are.)
-            for client in list(self._clients.values()):
-                client.connection.transport.abort()
-            try:
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:  # a connection that never finished its handshake; it ends at its open_timeout
-                log.warning("OSCQuery: a connection is still open after closing; leaving it to time out")
+        await close_server(server, [client.connection for client in self._clients.values()])
         for client in self._clients.values():
             if client.sender is not None:
                 client.sender.cancel()

@@ -159,10 +159,8 @@ def _decoded_pixels(payload: memoryview, encoding: int, width: int, height: int,
             pixels = np.array(image.convert(target) if target != mode else image)
         except Exception as e:
             raise MessageError("invalid_frame", f"{name} image could not be decoded: {e}") from None
-    if pixels.dtype != np.uint8 and target != "I;16":
-        pixels = pixels.astype(np.uint8)
     if target == "I;16":
-        pixels = pixels.astype(np.uint16)
+        pixels = pixels.astype(np.uint16)  # native byte order (a big-endian PNG decodes to ">u2")
     return pixels.reshape(h, w, channels)
 
 
@@ -234,9 +232,14 @@ class FrameOptions:
     quality: int = DEFAULT_JPEG_QUALITY
 
 
-def state_message(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:
-    return {"type": "state", **extra, "state_version": snapshot.version,
+def state_body(snapshot: Snapshot) -> dict[str, Any]:
+    """The state as JSON: GET /api/state, and the body of a state message."""
+    return {"state_version": snapshot.version,
             "params": {name: params.json_value(value) for name, value in snapshot.values.items()}}
+
+
+def state_message(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:
+    return {"type": "state", **extra, **state_body(snapshot)}
 
 
 def error_message(code: str, message: str, id: Any = None) -> dict[str, Any]:
@@ -472,9 +475,7 @@ class WebServer:
         if path == "/api/schema":  # lists the models folders: a disk scan, off the I/O thread
             return json_response(await asyncio.to_thread(self.api.schema))
         if path == "/api/state":
-            snapshot = self.api.snapshot()
-            return json_response({"state_version": snapshot.version,
-                                   "params": {k: params.json_value(v) for k, v in snapshot.values.items()}})
+            return json_response(state_body(self.api.snapshot()))
         return _text_response(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
 
     # ------------------------------------------------------------------ WebSocket
@@ -650,6 +651,13 @@ def refuse_foreign(request: Request) -> Response | None:
     return None
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (for private servers in tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def http_response(status: int, body: bytes = b"", content_type: str | None = None,
                   *fields: tuple[str, str]) -> Response:
     """A plain HTTP response (this server's and the OSCQuery server's): one request per connection,
@@ -678,12 +686,14 @@ async def close_server(server: Server, connections: Iterable[ServerConnection]) 
         return
     except asyncio.TimeoutError:
         pass
+    # The close frame waits behind what the client has not read, and close_timeout only counts once the
+    # frame is out. (Not server.connections: it leaves out connections that are closing, which these are.)
     for connection in list(connections):
         connection.transport.abort()
     try:
         await asyncio.wait_for(server.wait_closed(), 1.0)
-    except asyncio.TimeoutError:
-        log.warning("a server's connections did not close")
+    except asyncio.TimeoutError:  # a connection that never finished its handshake ends at its open_timeout
+        log.warning("a server's connections did not close; leaving them to time out")
 
 
 def _text_response(status: HTTPStatus, text: str) -> Response:

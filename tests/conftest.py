@@ -18,6 +18,7 @@ from pythonosc.udp_client import SimpleUDPClient
 
 from bridge import osc, shm
 from bridge.osc import free_udp_port
+from bridge.web import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SDBRIDGE = [sys.executable, "-m", "bridge.cli"]  # this checkout's code, whatever `sdbridge` is installed
@@ -48,13 +49,6 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-def free_tcp_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (for the HTTP/WebSocket and OSCQuery servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unique_instance(prefix: str = "t") -> str:

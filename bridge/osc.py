@@ -1,9 +1,9 @@
 """OSC control and telemetry: PROTOCOL.md section 2.
 
-The pure half turns datagrams into parameter change sets (`read_packet`) and telemetry values into
-datagrams (`encode`); the server half (`OscServer`, an asyncio datagram protocol) only moves bytes
-between a socket and the state store. One datagram is one change set: a bundle is applied atomically,
-and a refused message or bundle changes nothing. `/preset/recall NAME` becomes the preset's change set
+The pure half turns datagrams into parameter change sets (`read_packet`); telemetry is encoded with
+bridge/osc_codec, the encoding TouchDesigner's client shares. The server half (`OscServer`, an asyncio
+datagram protocol) only moves bytes between a socket and the state store. One datagram is one change
+set: a bundle is applied atomically, and a refused message or bundle changes nothing. `/preset/recall NAME` becomes the preset's change set
 (merged in the bundle's order: later messages override it), and `/preset/save NAME` stores the state
 once the datagram's changes are applied; the presets themselves are the caller's.
 """
@@ -15,10 +15,9 @@ import socket
 import threading
 from typing import Any, Callable, Iterable, NamedTuple
 
-from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
-from . import params
+from . import osc_codec, params
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +113,6 @@ def read_packet(data: bytes, recall: Callable[[str], dict[str, Any]] | None = No
     return Packet(changes, errors, saves)
 
 
-# ---------------------------------------------------------------------------- pure: encoding
-def encode(address: str, *args: Any) -> bytes:
-    """One OSC message as bytes."""
-    builder = OscMessageBuilder(address)
-    for arg in args:
-        builder.add_arg(arg)
-    return builder.build().dgram
-
-
 # ---------------------------------------------------------------------------- I/O
 class Telemetry:
     """Sends /sdbridge/... messages over UDP; safe to call from any thread, never raises."""
@@ -133,7 +123,7 @@ class Telemetry:
         self._lock = threading.Lock()
 
     def send(self, name: str, *args: Any) -> None:
-        data = encode(TELEMETRY_PREFIX + name, *args)
+        data = osc_codec.message(TELEMETRY_PREFIX + name, *args)
         with self._lock:
             try:
                 self._sock.sendto(data, self.target)

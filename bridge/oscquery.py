@@ -57,7 +57,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import osc
+from . import osc, osc_codec
 from .web import CLOSE_TIMEOUT_S, QuietLogger, close_server, http_response, json_response, refuse_foreign
 from .params import Param
 
@@ -455,7 +455,7 @@ class OscQueryServer:
                 for client in self._clients.values():
                     for address in changed & client.listening:
                         if address not in messages:
-                            messages[address] = osc.encode(address, *now[address])
+                            messages[address] = osc_codec.message(address, *now[address])
                         client.post(address, messages[address])
         except Exception:  # a bug here must not take the server down; LISTEN resumes with the next client
             log.exception("OSCQuery: watching the state failed; LISTEN stops until a client reconnects")

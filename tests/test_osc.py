@@ -7,7 +7,7 @@ import pytest
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from bridge import osc
+from bridge import osc, osc_codec
 
 
 def message(address, *args):
@@ -75,7 +75,7 @@ def test_a_message_with_no_argument_is_refused():
 
 
 def test_telemetry_encoding_is_plain_osc():
-    data = osc.encode("/sdbridge/fps", 29.5)
+    data = osc_codec.message("/sdbridge/fps", 29.5)
     assert data == b"/sdbridge/fps\x00\x00\x00,f\x00\x00" + struct.pack(">f", 29.5)
     assert osc.decode(data) == [("/sdbridge/fps", [29.5])]
 

@@ -17,7 +17,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect
 
-from bridge import osc, oscquery, params
+from bridge import osc, osc_codec, oscquery, params
 from bridge.state import StateStore
 
 PARAMS = params.schema_params(["detail"], 2)
@@ -142,7 +142,7 @@ def test_the_namespace_is_json():
 def test_listened_values_are_osc_messages_the_osc_server_takes_back():
     values = {**VALUES, "prompts": (("a", 1.0), ("b", 0.5)), "pause": True, "seeds": ((3, 1.0), (4, 2.0))}
     for address, args in oscquery.arguments(PARAMS, values).items():
-        [(decoded_address, decoded)] = osc.decode(osc.encode(address, *args))
+        [(decoded_address, decoded)] = osc.decode(osc_codec.message(address, *args))
         changes = osc.message_changes(decoded_address, decoded)
         for name, value in changes.items():
             assert value == values.get(name, params.lookup(name).default), address  # all exact in float32
@@ -372,7 +372,7 @@ def test_a_new_parameter_is_announced_with_path_changed(served):
 
 def test_osc_sent_over_the_websocket_reaches_the_osc_handling(served):
     with connect(served.url.replace("http", "ws") + "/") as ws:
-        ws.send(osc.encode("/strength", 0.75))
+        ws.send(osc_codec.message("/strength", 0.75))
         end = time.monotonic() + 3
         while served.store.snapshot()["strength"] != 0.75 and time.monotonic() < end:
             time.sleep(0.02)
@@ -417,7 +417,7 @@ def test_osc_over_the_websocket_is_taken_only_from_this_machines_clients(served,
     headers = {k: v.format(port=port) for k, v in headers.items()}  # {port}: the server's
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         # the OSC right behind the handshake, as a client that does not wait for the answer sends it
-        sock.sendall(handshake(port, headers) + client_frame(osc.encode("/strength", 0.75)))
+        sock.sendall(handshake(port, headers) + client_frame(osc_codec.message("/strength", 0.75)))
         assert response_status(sock) == status
         time.sleep(0.3)
     assert (served.store.snapshot()["strength"] == 0.75) is applied
@@ -517,7 +517,7 @@ def osc_gets_through(served) -> bool:
     """Whether OSC over a new WebSocket connection is applied within 2 s: the I/O loop is free."""
     try:
         with connect(ws_url(served), open_timeout=2) as ws:
-            ws.send(osc.encode("/strength", 0.75))
+            ws.send(osc_codec.message("/strength", 0.75))
             end = time.monotonic() + 2
             while served.store.snapshot()["strength"] != 0.75 and time.monotonic() < end:
                 time.sleep(0.02)

@@ -5,12 +5,13 @@ A ring is one named shared-memory segment: a 64-byte segment header, then `slot_
 any number of readers take the newest complete frame and detect torn copies.
 
 This module is pure protocol code. It imports only the standard library and numpy, because
-TouchDesigner's Python embeds it as it is (see touchdesigner/); it knows nothing of the daemon.
+TouchDesigner's Python embeds it as it is (see touchdesigner/); it knows nothing of the daemon. For the
+same reason it does without `from __future__ import annotations`: with string annotations, a dataclass
+needs its module in sys.modules, where TouchDesigner may not put a DAT module.
 """
-from __future__ import annotations
-
 import os
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -100,25 +101,37 @@ class Frame:
         return bool(self.flags & FLAG_BOTTOM_LEFT)
 
 
-def _untrack(shm: shared_memory.SharedMemory) -> None:
-    """Stop Python's resource tracker from unlinking a segment when this process exits.
+_TRACKER_LOCK = threading.Lock()
 
-    The daemon removes its segments itself at shutdown, and a reader must never remove a segment it
-    merely attached to (PROTOCOL.md, last note). Windows has no tracker for shared memory.
+
+def _open(name: str, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
+    """A segment opened without Python's resource tracker.
+
+    The tracker would unlink the segment when this process exits, and the daemon removes its segments
+    itself while a reader must never remove one it merely attached to (PROTOCOL.md, last note). It
+    also runs as a helper process started from `sys.executable`, which inside TouchDesigner on macOS
+    may be TouchDesigner itself, so it is never started rather than started and unregistered from.
+    Python 3.13 has `track=False`; before it, `register` is skipped while the segment opens. Windows
+    has no tracker for shared memory.
     """
     if os.name == "nt":
-        return
-    try:
-        from multiprocessing import resource_tracker
+        return shared_memory.SharedMemory(name=name, create=create, size=size)
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
+    from multiprocessing import resource_tracker
 
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - the tracker's internals differ between versions
-        pass
+    with _TRACKER_LOCK:
+        register = resource_tracker.register
+        resource_tracker.register = lambda name, rtype: None
+        try:
+            return shared_memory.SharedMemory(name=name, create=create, size=size)
+        finally:
+            resource_tracker.register = register
 
 
 def _unlink(shm: shared_memory.SharedMemory) -> None:
     """Remove a segment's name. Not `shm.unlink()`: that also unregisters it from the resource tracker,
-    which `_untrack` already did. On Windows a segment goes when its last handle closes."""
+    which never had it (`_open`). On Windows a segment goes when its last handle closes."""
     if os.name == "nt":
         return
     import _posixshmem  # the module SharedMemory itself uses on POSIX
@@ -168,8 +181,7 @@ class Ring:
         size = HEADER_SIZE + slot_count * (SLOT_HEADER_SIZE + slot_capacity)
         ring = cls._reuse(name, slot_capacity, slot_count, size)
         if ring is None:
-            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            _untrack(shm)
+            shm = _open(name, create=True, size=size)
             SEGMENT_HEADER.pack_into(shm.buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, SLOT_HEADER_SIZE,
                                      slot_capacity, 0, 0, 0, 0, bytes(16))
             for i in range(slot_count):
@@ -184,10 +196,9 @@ class Ring:
     def _reuse(cls, name: str, slot_capacity: int, slot_count: int, size: int) -> "Ring | None":
         """The leftover segment `name` if its layout fits; a misfit is removed. None: make a new one."""
         try:
-            old = shared_memory.SharedMemory(name=name)
+            old = _open(name)
         except FileNotFoundError:
             return None
-        _untrack(old)
         header = SEGMENT_HEADER.unpack_from(old.buf, 0) if old.size >= HEADER_SIZE else None
         if (header is not None and header[0] == MAGIC and header[1] == VERSION
                 and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
@@ -199,8 +210,7 @@ class Ring:
     @classmethod
     def attach(cls, name: str) -> "Ring":
         """Open an existing ring; raises FileNotFoundError while it does not exist yet."""
-        shm = shared_memory.SharedMemory(name=name)
-        _untrack(shm)
+        shm = _open(name)
         try:
             return cls(shm, owner=False)
         except RingError:

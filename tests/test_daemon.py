@@ -215,14 +215,11 @@ def test_segments_left_by_a_killed_daemon_are_reused(daemon_factory):
 
 
 def test_a_foreign_segment_with_the_daemons_name_is_recreated(daemon_factory, tmp_path):
-    from multiprocessing import shared_memory
-
     from .conftest import unique_instance
 
     instance = unique_instance("f")
     name_in, _ = shm.segment_names(instance)
-    junk = shared_memory.SharedMemory(name=name_in, create=True, size=4096)
-    shm._untrack(junk)
+    junk = shm._open(name_in, create=True, size=4096)
     junk.buf[:4] = b"JUNK"
     junk.close()
     d = daemon_factory(instance=instance)

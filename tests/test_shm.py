@@ -4,7 +4,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import struct
 import time
-from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -95,8 +94,7 @@ def test_a_slot_left_mid_write_is_not_read(ring):
 @pytest.mark.parametrize("size,message", [(4096, "magic"), (16, "too small")])
 def test_attach_refuses_a_segment_that_is_not_a_ring(size, message):
     name = shm.ring_name(unique_instance("j"), "in")
-    junk = shared_memory.SharedMemory(name=name, create=True, size=size)
-    shm._untrack(junk)
+    junk = shm._open(name, create=True, size=size)
     try:
         with pytest.raises(shm.RingError, match=message):
             shm.Ring.attach(name)
@@ -235,3 +233,20 @@ def test_an_offered_frame_must_be_what_its_fields_say(ring):
 def test_frame_flags_are_the_protocols_bits():
     assert shm.frame_flags(bgr=False, bottom_left=False) == 0
     assert shm.frame_flags(bgr=True, bottom_left=True) == shm.FLAG_BGR | shm.FLAG_BOTTOM_LEFT == 3
+
+
+def test_rings_never_start_pythons_resource_tracker():
+    # The tracker is a helper process started from sys.executable, which inside TouchDesigner (macOS)
+    # may be TouchDesigner itself; and it would remove segments this process only attached to.
+    import subprocess
+    import sys
+
+    code = ("from multiprocessing import resource_tracker\n"
+            "from bridge import shm\n"
+            f"owner = shm.Ring.create({shm.ring_name(unique_instance('rt'), 'out')!r}, 4096)\n"
+            "reader = shm.Ring.attach(owner.name)\n"
+            "reader.close(); owner.close(); owner.unlink()\n"
+            "print(resource_tracker._resource_tracker._pid)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None" and not done.stderr

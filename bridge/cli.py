@@ -1,6 +1,7 @@
 """The `sdbridge` command: `serve` runs the daemon, `demo` shows it working end to end, `bench` measures
 it (throughput, latency, control latency, memory, the bare engine and the device's peak, optionally
-diffusers' own pipeline), `models` lists what the models folders hold.
+diffusers' own pipeline), `models` lists what the models folders hold, `touchdesigner` writes the
+script that builds the TouchDesigner component and `touchosc` a TouchOSC layout.
 
 Every setting (bridge/config.py) and every scalar parameter (bridge/params.py) is also a flag, derived
 from those declarations: `osc_port` is `--osc-port`, `prompt` is `--prompt`, the list `models_dir` is
@@ -152,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "backend `serve` would use, and every engine in engine_dir with whether it is current "
                             "or stale and why.")
     _add_flags(doctor)
+    td = sub.add_parser("touchdesigner", help="write sdbridge_build.py, which builds sdbridge.tox inside TouchDesigner",
+                        description="Write a script that, run from a Text DAT inside TouchDesigner, assembles the "
+                        "sdbridge component (custom parameters from this configuration's schema, the client code, "
+                        "inputs for the configured ControlNets) and saves sdbridge.tox. Takes serve's flags: the "
+                        "component's Launch pulse starts the daemon with this Python, model, config, instance and "
+                        "ports. docs/touchdesigner.md.")
+    td.add_argument("--out", default="sdbridge_build.py", metavar="FILE",
+                    help="where to write the script (default: sdbridge_build.py)")
+    _add_flags(td)
+    tosc = sub.add_parser("touchosc", help="write a TouchOSC layout with a fader for every parameter played live",
+                          description="Write a TouchOSC layout (.tosc): a fader sending /norm/<name> for every "
+                          "ranged live parameter of this configuration (its LoRAs and ControlNets included), "
+                          "buttons for pause and the choices, and the telemetry. Takes serve's flags. docs/osc.md.")
+    tosc.add_argument("--out", default="sdbridge.tosc", metavar="FILE",
+                      help="where to write the layout (default: sdbridge.tosc)")
+    _add_flags(tosc)
     models = sub.add_parser("models", help="list the models, LoRAs, VAEs, TAESDs, ControlNets and embeddings "
                             "in the models folders",
                             description="List what the models folders hold, by the names serve, /model, /vae "
@@ -189,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(settings, initial, args, argv)
         if args.command == "build":
             return _build(settings, initial, args)
+        if args.command == "touchdesigner":
+            return _touchdesigner(settings, initial, args)
+        if args.command == "touchosc":
+            return _touchosc(settings, initial, args)
         if args.command == "doctor":
             from .builds import doctor
             print(doctor(settings))
@@ -301,6 +322,51 @@ def _build(settings: config.Settings, initial: dict[str, Any], args: argparse.Na
     except (TensorRTUnavailable, EngineBuildError) as e:
         print(f"sdbridge build: {e}", file=sys.stderr)
         return 2
+
+
+def _configured(settings: config.Settings, initial: dict[str, Any]) -> Any:
+    """A daemon for this configuration, not started: what it would serve (schema, starting state)."""
+    from .daemon import Daemon
+    daemon = Daemon(settings, initial)
+    daemon.telemetry.close()  # the only thing it holds before `start`
+    return daemon
+
+
+def _touchdesigner(settings: config.Settings, initial: dict[str, Any], args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from touchdesigner.script import build_script
+
+    from .web import state_body
+    daemon = _configured(settings, initial)
+    schema, state = daemon.schema(), state_body(daemon.store.snapshot())["params"]
+    local = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    launch = {"executable": sys.executable, "model": settings.model,
+              "config": str(Path(args.config).resolve()) if args.config else "", "instance": settings.instance,
+              "host": local, "osc_port": settings.osc_port, "telemetry_port": settings.telemetry_port,
+              "http_port": settings.http_port}
+    out = Path(args.out)
+    out.write_text(build_script(schema, state, launch), encoding="utf-8")
+    print(f"wrote {out.resolve()} ({len(schema['params'])} parameters, {len(schema['controlnets'])} ControlNet "
+          "inputs).\nIn TouchDesigner: drag it into a network, right-click it, Run Script; it saves sdbridge.tox "
+          "next to your project.")
+    return 0
+
+
+def _touchosc(settings: config.Settings, initial: dict[str, Any], args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import touchosc
+    schema = _configured(settings, initial).schema_params()
+    out = Path(args.out)
+    out.write_bytes(touchosc.layout(schema))
+    listed = touchosc.controls(schema)
+    print(f"wrote {out.resolve()}: {sum(c.kind == touchosc.FADER for c in listed)} faders, "
+          f"{sum(c.kind in (touchosc.TOGGLE, touchosc.BUTTON) for c in listed)} buttons.\nIn TouchOSC: open it; "
+          f"Connections > OSC: UDP, host: this machine's network address, send port {settings.osc_port}, receive "
+          f"port {settings.telemetry_port}. A tablet reaches the daemon when it runs with --host 0.0.0.0 "
+          "--telemetry-host TABLET_ADDRESS (docs/osc.md).")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -292,7 +292,9 @@ class Daemon:
 
     def schema(self) -> dict[str, Any]:
         """GET /api/schema: every parameter with type, range, default and docs; `options` lists the
-        names a free-text parameter (model, vae) can take from the models folders."""
+        names a free-text parameter (model, vae) can take from the models folders, read afresh, so
+        that a LoRA or checkpoint dropped in since shows (the page and TouchDesigner ask rarely)."""
+        self.folders.refresh()
         options = {"model": [*registry.BUILT_IN, *(e.name for e in self.folders.list(CHECKPOINTS))],
                    "vae": [*registry.VAE_CHOICES, *sorted({e.name for e in self.folders.list(VAE) + self.folders.list(TAESD)})]}
         described = []

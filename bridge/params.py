@@ -147,6 +147,8 @@ class Param:
             out["choices"] = list(self.choices)
         if self.multiple_of != 1:
             out["multiple_of"] = self.multiple_of
+        if self.clears:
+            out["clears"] = list(self.clears)
         return out
 
     def _range_text(self) -> str:

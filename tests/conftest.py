@@ -70,6 +70,17 @@ def gradient(width: int = 128, height: int = 128, shift: int = 0) -> np.ndarray:
     return np.stack([(x * 2 + shift) % 256, (y * 2) % 256, ((x + y) // 2) % 256], -1).astype(np.uint8)
 
 
+def wait(condition, timeout: float = 30.0, interval: float = 0.02):
+    """Poll `condition` until it returns something true, and return that; TimeoutError after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"not met within {timeout} s")
+
+
 class TelemetryListener:
     """Collects /sdbridge/... messages sent to a UDP port."""
 
@@ -110,16 +121,19 @@ class TelemetryListener:
 
 
 class DaemonProcess:
-    """`sdbridge serve` in a subprocess on private ports and a private instance name."""
+    """`sdbridge serve` in a subprocess on private ports and a private instance name. With
+    `telemetry_port` the test listens for telemetry itself, and `wait_started` waits for the rings only."""
 
-    def __init__(self, *extra: str, instance: str | None = None, width: int = 128, height: int = 128):
+    def __init__(self, *extra: str, instance: str | None = None, width: int = 128, height: int = 128,
+                 telemetry_port: int | None = None):
         self.instance = instance or unique_instance()
         self.osc_port = free_udp_port()
         self.http_port, self.oscquery_port = free_tcp_port(), free_tcp_port()
-        self.telemetry = TelemetryListener(free_udp_port())
+        self.telemetry = TelemetryListener(free_udp_port()) if telemetry_port is None else None
+        telemetry_port = telemetry_port or self.telemetry.sock.getsockname()[1]
         self.name_in, self.name_out = shm.segment_names(self.instance)
         self.argv = [*SDBRIDGE, "serve", "--model", "tiny", "--instance", self.instance,
-                     "--osc-port", str(self.osc_port), "--telemetry-port", str(self.telemetry.sock.getsockname()[1]),
+                     "--osc-port", str(self.osc_port), "--telemetry-port", str(telemetry_port),
                      "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height),
                      "--http-port", str(self.http_port), "--oscquery-port", str(self.oscquery_port), "--no-mdns",
                      "--presets-dir", str(Path(tempfile.gettempdir()) / f"sdbridge-test-presets-{self.instance}"), *extra]
@@ -137,12 +151,23 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_started(self, timeout: float = 120.0) -> "DaemonProcess":
+        """This daemon once it serves; if it does not, it is stopped before the error is raised (a
+        fixture that fails here never reaches its teardown)."""
+        try:
+            return self._wait_started(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_started(self, timeout: float) -> "DaemonProcess":
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             if segment_exists(self.name_in) and segment_exists(self.name_out):
                 self.ring_in, self.ring_out = shm.Ring.attach(self.name_in), shm.Ring.attach(self.name_out)
+                if self.telemetry is None:
+                    return self
                 if self.telemetry.wait_for("/sdbridge/status", 0, timeout=max(1.0, end - time.monotonic()),
                                            predicate=lambda a: a == ["ready"]):
                     return self
@@ -191,7 +216,8 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.telemetry.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
         self._log.close()
         return self.proc.returncode
 

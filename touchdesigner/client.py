@@ -3,8 +3,8 @@ daemon's rings, parameter changes out over OSC, telemetry back, and the daemon l
 
 It imports only the standard library, numpy and the pure protocol modules bridge/shm and
 bridge/osc_codec, which the .tox embeds as the Text DATs sdb_shm and sdb_osc_codec (DESIGN.md: never a
-second implementation). Nothing here touches a TouchDesigner object, so plain Python tests run it against a
-real daemon; touchdesigner/extension.py connects it to the component's operators.
+second implementation). Nothing here touches a TouchDesigner object, so plain Python tests run it
+against a real daemon; touchdesigner/extension.py connects it to the component's operators.
 """
 import collections
 import json
@@ -13,7 +13,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -52,9 +51,9 @@ class Endpoints:
 
 
 # ---------------------------------------------------------------------------- frames
-class InputRing:
-    """Writes frames into a ring the daemon reads (`in`, or `cn<k>` for ControlNet k). The ring is
-    attached on first use and looked for again every `retry_s` while the daemon has not made it."""
+class _Attachment:
+    """A ring the daemon made: attached on first use, and looked for again every `retry_s` while the
+    daemon has not made it (or is not there)."""
 
     def __init__(self, name: str, retry_s: float = RETRY_S):
         self.name = name
@@ -62,28 +61,8 @@ class InputRing:
         self.ring: shm.Ring | None = None
         self._next_try = 0.0
 
-    def write(self, pixels: np.ndarray, frame_id: int = 0, flags: int = shm.FLAG_BOTTOM_LEFT) -> bool:
-        """Publish `pixels` (height, width, channels); False while the ring does not exist. RingError
-        for a frame the ring cannot hold, with what to do about it."""
-        ring = self._attached()
-        if ring is None:
-            return False
-        ring.write(pixels, frame_id=frame_id, flags=flags)
-        return True
-
-    def heartbeat(self) -> None:
-        """Tell the daemon this writer is alive while it sends no frames (a still control image)."""
-        ring = self._attached()
-        if ring is not None:
-            ring.heartbeat()
-
-    def detach(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self._next_try = 0.0
-
-    def _attached(self) -> shm.Ring | None:
+    def attached(self) -> shm.Ring | None:
+        """The ring, attached now if it has become available; None while it is not."""
         if self.ring is None and time.monotonic() >= self._next_try:
             try:
                 self.ring = shm.Ring.attach(self.name)
@@ -91,8 +70,33 @@ class InputRing:
                 self._next_try = time.monotonic() + self.retry_s
         return self.ring
 
+    def detach(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self._next_try = 0.0
 
-class OutputRing:
+
+class InputRing(_Attachment):
+    """Writes frames into a ring the daemon reads (`in`, or `cn<k>` for ControlNet k)."""
+
+    def write(self, pixels: np.ndarray, frame_id: int = 0, flags: int = shm.FLAG_BOTTOM_LEFT) -> bool:
+        """Publish `pixels` (height, width, channels); False while the ring does not exist. RingError
+        for a frame the ring cannot hold, with what to do about it."""
+        ring = self.attached()
+        if ring is None:
+            return False
+        ring.write(pixels, frame_id=frame_id, flags=flags)
+        return True
+
+    def heartbeat(self) -> None:
+        """Tell the daemon this writer is alive while it sends no frames (a still control image)."""
+        ring = self.attached()
+        if ring is not None:
+            ring.heartbeat()
+
+
+class OutputRing(_Attachment):
     """Reads each newest output frame of the daemon once, into buffers allocated when the ring is
     attached: at full frame rate nothing but the frame's small record is allocated per frame.
 
@@ -104,16 +108,12 @@ class OutputRing:
     so that a restarted daemon, which may have made a new segment under the same name, is followed."""
 
     def __init__(self, name: str, for_td: bool = True, retry_s: float = RETRY_S, stale_s: float = STALE_S):
-        self.name = name
+        super().__init__(name, retry_s)
         self.for_td = for_td
-        self.retry_s = retry_s
         self.stale_s = stale_s
-        self.ring: shm.Ring | None = None
         self._reader: shm.NewestFrames | None = None
         self._buffer: np.ndarray | None = None
         self._converted: np.ndarray | None = None
-        self._writer = 0  # the pid of the daemon whose frames were read last
-        self._next_try = 0.0
 
     @property
     def alive(self) -> bool:
@@ -128,24 +128,15 @@ class OutputRing:
         if ring is not None and self._stale(ring) and time.monotonic() >= self._next_try:
             self.detach()  # the daemon stopped, or a new one made a new segment under the same name
             self._next_try = time.monotonic() + self.retry_s
-        if self.ring is None and time.monotonic() >= self._next_try:
-            try:
-                ring = shm.Ring.attach(self.name)
-            except ATTACH_ERRORS:
-                self._next_try = time.monotonic() + self.retry_s
-                return 0
-            self.ring, self._reader = ring, shm.NewestFrames(ring)
+        ring = self.attached()
+        if ring is None:
+            return 0
+        if self._reader is None:  # attached just now
+            self._reader = shm.NewestFrames(ring)
             if self._buffer is None or self._buffer.nbytes < ring.slot_capacity:
                 self._buffer = np.empty(ring.slot_capacity, np.uint8)
                 self._converted = np.empty(ring.slot_capacity * 2, np.uint8)  # float16 becomes float32
-        ring = self.ring
-        if ring is None or self._stale(ring):
-            return 0
-        pid = ring.writer_pid
-        if pid != self._writer:
-            self._writer = pid
-            self._reader.seq = 0  # a new daemon counts from 1 again
-        return pid
+        return 0 if self._stale(ring) else ring.writer_pid
 
     def read(self) -> shm.Frame | None:
         """The newest frame not read yet, or None. Its pixels are a view on this reader's buffer, valid
@@ -168,10 +159,8 @@ class OutputRing:
         return replace(frame, pixels=converted, flags=shm.FLAG_BOTTOM_LEFT, dtype=shm.CODE_OF_DTYPE[dtype])
 
     def detach(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-        self.ring = self._reader = None
-        self._next_try = 0.0
+        super().detach()
+        self._reader = None
 
     def _stale(self, ring: shm.Ring) -> bool:
         return time.monotonic_ns() - ring.heartbeat_ns > self.stale_s * 1e9
@@ -203,24 +192,25 @@ class DaemonLink:
         if not pid:
             # let go of the rings a stopped daemon made: on Windows a segment lives while any process
             # holds it, and a new daemon with another layout could not make its own
-            for ring in (self.input, *self.controls):
-                if ring.ring is not None:
-                    ring.detach()
+            self._release_inputs()
             return False
         if pid == self.daemon_pid:
             return False
-        if self.daemon_pid:  # a restarted daemon may have made new segments: attach them afresh
-            for ring in (self.input, *self.controls):
-                ring.detach()
+        self._release_inputs()  # a restarted daemon may have made new segments: attach them afresh
         self.daemon_pid = pid
         self.telemetry.telemetry.values.clear()  # the last daemon's fps and status are not this one's
         return True
 
     def close(self) -> None:
-        for ring in (self.input, *self.controls, self.output):
-            ring.detach()
+        self._release_inputs()
+        self.output.detach()
         self.sender.close()
         self.telemetry.close()
+
+    def _release_inputs(self) -> None:
+        for ring in (self.input, *self.controls):
+            if ring.ring is not None:
+                ring.detach()
 
 
 # ---------------------------------------------------------------------------- control

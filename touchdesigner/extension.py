@@ -264,7 +264,7 @@ class SdbridgeExt:
 
     def _load_schema(self, schema: dict) -> None:
         self.schema = schema
-        self.sync = parameters.Sync([s for _, specs in parameters.pages(schema) for s in specs], schema)
+        self.sync = parameters.Sync(parameters.schema_specs(schema), schema)
 
     # ------------------------------------------------------------------ status
     def _report(self, message: str) -> None:

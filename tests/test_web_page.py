@@ -302,3 +302,25 @@ def test_presets_are_saved_and_recalled_from_the_page(page, web_daemon):
     # the slider shows it, to its step (a value saved from a drag may have more digits than the step)
     page.wait_for_function(f"Math.abs(Number(document.querySelector('[data-param=strength]').value) - {saved}) < 0.002",
                            timeout=TIMEOUT_S * 1000)
+
+
+def test_a_recall_comes_after_slider_moves_still_held_back_by_the_throttle(page, web_daemon):
+    page.fill("#preset-name", "throttled look")
+    page.click("#preset-save")
+    page.wait_for_selector('[data-preset="throttled look"]', timeout=TIMEOUT_S * 1000)
+    saved = get_json(web_daemon, "/api/state")["params"]["strength"]
+    first, second = (0.25, 0.35) if saved > 0.5 else (0.65, 0.75)
+    # In one turn of the page's event loop: the first move goes out at once, the second waits for the
+    # 40 ms throttle, and the recall is clicked meanwhile. The daemon must end on the preset.
+    page.evaluate("""([first, second]) => {
+        const slider = document.querySelector('[data-param=strength]');
+        for (const value of [first, second]) {
+            slider.value = String(value);
+            slider.dispatchEvent(new Event('input', {bubbles: true}));
+        }
+        document.querySelector('[data-preset="throttled look"]').click();
+    }""", [first, second])
+    time.sleep(0.5)  # anything the page still held back has had time to arrive
+    assert get_json(web_daemon, "/api/state")["params"]["strength"] == pytest.approx(saved)
+    page.wait_for_function(f"Math.abs(Number(document.querySelector('[data-param=strength]').value) - {saved}) < 0.002",
+                           timeout=TIMEOUT_S * 1000)

@@ -427,6 +427,13 @@
       }
     }
 
+    /** Send what waits at once, throttle or not (what comes next must reach the daemon after it). */
+    sendNow() {
+      clearTimeout(this.timer);
+      this.timer = null;
+      if (this.pending.size) this.flush();
+    }
+
     flush() {
       const params = Object.fromEntries(this.pending);
       const id = this.newId();
@@ -583,7 +590,12 @@
       this.schemaLoad = null;        // the schema fetch under way, if any
       this.unknownNames = "";        // state names the controls lack, last time the schema was fetched for them
       this.preview = new Preview(byId("preview"), byId("frame-info"));
-      this.presets = new PresetPanel((message) => this.connection.send({...message, id: this.nextRequestId++}));
+      // A preset saved or recalled comes after the changes the user made before it: what waits in the
+      // outbox goes first, or a slider value still held back by the throttle would land after a recall.
+      this.presets = new PresetPanel((message) => {
+        this.outbox.sendNow();
+        this.connection.send({...message, id: this.nextRequestId++});
+      });
       this.connection = new Connection({
         onOpen: () => this.connected(),
         onMessage: (message) => this.receive(message),

@@ -4,7 +4,10 @@ Latest frame wins: the loop always takes the newest input (from the input ring, 
 path such as the WebSocket: `offer_input`) and drops older ones, so latency never queues up. It renders when a new input frame arrives, when the state changed (the last input is
 rendered again with the new state), every frame in txt2img with seed -1, and while the stream itself
 wants frames (a transition easing in, stream-batch frames in flight). Nothing that goes wrong inside a
-frame stops the loop: the error is reported and the stream carries on with the next frame.
+frame stops the loop: the error is reported and the stream carries on with the next frame. A frame that
+runs out of memory (a resolution too large for the device, say) sets the parameters that size a frame
+back to those of the last frame that fitted, as a new state version, so that the stream goes on at
+once rather than failing every frame.
 
 Model and autoencoder switches (/model, /vae) load in the background while the current stream keeps
 serving; the new one is swapped in at a frame boundary, and a failed load leaves the current one
@@ -23,11 +26,12 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
 
+from engines.backends.torch_backend import out_of_memory, release_cached_memory
 from engines.frames import MAX_INPUT_SIDE, OutputFormat, frame_difference
 from engines.stream import TXT2IMG, Stream, StreamSettings
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 LOADING, READY, PAUSED, ERROR = "loading", "ready", "paused", "error"
 _STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(StreamSettings) if f.name not in ("loras", "controls"))
 _ERROR_BACKOFF_S = 0.05
+_ASKED_KEPT = 16  # the versions of the settings last handed to the prompt worker that are remembered
+# The parameters that decide how much memory a frame takes: its size, and how many latents go through the
+# UNet at once (stream batch: one per step; a negative pass per cfg_type). Set back when a frame does not fit.
+_MEMORY_PARAMS = ("width", "height", "steps", "t_index_list", "cfg_type")
 
 
 def stream_settings(snapshot: Snapshot) -> StreamSettings:
@@ -104,6 +112,8 @@ class RenderLoop:
         self.serving: tuple[str, str] = ("", "")  # (model, vae) of the stream that serves
         self._failed: tuple[str, str] | None = None  # the last background load that failed
         self._refused_settings: StreamSettings | None = None  # the last settings Stream.prepare refused
+        self._fitted: StreamSettings | None = None  # the settings of the last frame written: they fit in memory
+        self._trying: StreamSettings | None = None  # the settings being prepared or rendered, should memory run out
         self.store = store
         self.ring_in = ring_in
         self.ring_out = ring_out
@@ -126,6 +136,7 @@ class RenderLoop:
         self._shown_version = 0  # the state version whose settings the stream is prepared with
         self._precompute = BackgroundLoad("sdbridge-prepare")  # prompt encoding and LoRA reads
         self._precomputed: StreamSettings | None = None  # settings the worker has made ready
+        self._asked: dict[StreamSettings, int] = {}  # settings handed to the worker -> their state version
         self._rendered_raw: torch.Tensor | None = None  # the last rendered input, for the similarity filter
         # Input frames are read into two buffers in turn, so that reading never allocates and a failed
         # read never spoils the last good frame; one taken while the device computes waits in _staged.
@@ -176,6 +187,7 @@ class RenderLoop:
             self.ready.set()
             return
         self._serving_now(self.stream)
+        self._adopt_warm_up(self.stream)
         self.stats.status = READY
         self.ready.set()
         last_error = ""
@@ -184,14 +196,19 @@ class RenderLoop:
             try:
                 if not self._step():
                     self._idle()
+                continue
             except Exception as e:  # a bad frame or a failed render must never end the stream
                 message = f"frame failed: {type(e).__name__}: {e}"
-                # the traceback once per distinct failure, not once per frame of a persistent one
-                log.log(logging.DEBUG if message == last_error else logging.ERROR, "%s", message,
+                ran_out = out_of_memory(e)
+                # the traceback once per distinct failure, not once per frame of a persistent one (for
+                # memory running out only at debug level: no bug, and what is done about it is reported)
+                log.log(logging.DEBUG if message == last_error or ran_out else logging.ERROR, "%s", message,
                         exc_info=message != last_error)
                 last_error = message
-                self.report_error(message)
-                self._stop.wait(_ERROR_BACKOFF_S)
+            if ran_out:  # here, not in the except: its traceback holds the failed frame's tensors
+                message = self._fit_memory(message)
+            self.report_error(message)
+            self._stop.wait(_ERROR_BACKOFF_S)
 
     def call_between_frames(self, work: Callable[[Stream], Any], timeout: float) -> Any:
         """Run `work(stream)` on the render thread between two frames and return what it returns (or
@@ -209,6 +226,13 @@ class RenderLoop:
             for _, call in self._calls:
                 call.cancel()  # its caller gets CancelledError rather than a wait for its whole timeout
             self._calls.clear()
+
+    def _adopt_warm_up(self, stream: Stream) -> None:
+        """A stream arrives prepared by its warm-up frame for the state of its load: until it is prepared
+        again, its frames carry that state's version (known when the state has not moved since)."""
+        snap = self.store.snapshot()
+        if stream.settings is not None and stream.settings == stream_settings(snap):
+            self._shown_version = snap.version
 
     def _serving_now(self, stream: Stream) -> None:
         try:
@@ -258,6 +282,9 @@ class RenderLoop:
         if finished.error is not None:
             serving = self.serving[0] if kind == "model" else self.serving[1]
             self.report_error(f"{kind} {name!r} failed to load, keeping {serving!r}: {finished.error}")
+            if out_of_memory(finished.error) and self.stream is not None:
+                finished.error.__traceback__ = None  # it holds what was loaded so far
+                release_cached_memory(self.stream.device)
             self._failed = finished.key  # not retried until something else is asked for
             # Say in the state what serves, unless the performer has asked for something else since.
             # A /model request reset the vae to auto, so a failed model restores both.
@@ -274,6 +301,7 @@ class RenderLoop:
             self.stream, vae = finished.result  # the old stream's memory goes with its last reference
             self.serving = (name, vae)
             self._serving_now(self.stream)
+            self._adopt_warm_up(self.stream)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.info("now serving model %s", name)
@@ -315,10 +343,12 @@ class RenderLoop:
             return False
 
         settings = stream_settings(snap)
-        if settings != stream.settings and settings != self._refused_settings and not self._prepare(stream, settings):
+        if settings != stream.settings and settings != self._refused_settings and not self._prepare(
+                stream, settings, snap.version):
             # New prompts or LoRA files are being made ready on a worker: until then frames keep coming
-            # with what is on screen, stamped with the version that made it.
-            if not (new_input or busy or every_frame or new_control) or stream.settings is None:
+            # with the newest settings that are ready, stamped with the version that made them.
+            caught_up = self._show_ready(stream)
+            if not (new_input or busy or every_frame or new_control or caught_up) or stream.settings is None:
                 return False
         else:
             # Whatever happens below, this state and input count as tried: a failure is retried with the
@@ -326,6 +356,7 @@ class RenderLoop:
             self._rendered_version = self._shown_version = snap.version
         if stream.settings is None:
             return True  # nothing usable to render with until the state changes
+        self._trying = stream.settings
         frame = None if stream.settings.mode == TXT2IMG else self._last_input
         if frame is None and stream.settings.mode != TXT2IMG:
             return False  # img2img and no input yet
@@ -352,15 +383,16 @@ class RenderLoop:
         source_ns = frame.source_ns if frame is not None else started_ns
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
                             source_ns=source_ns, state_version=self._shown_version)
+        self._fitted, self._trying = stream.settings, None
         # Telemetry latency: from the frame's source for a new frame; a re-render of an old frame for
         # a state change counts from the change, not from when that frame was first written.
         self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns), engine_s)
         return True
 
-    def _prepare(self, stream: Stream, settings: StreamSettings) -> bool:
-        """Prepare the stream for `settings` now if that is quick, else hand the slow part (prompt
-        encoding, LoRA files) to the worker and return False; the next frame after it finishes
-        prepares quickly. A refusal is reported and leaves the previous settings on screen."""
+    def _prepare(self, stream: Stream, settings: StreamSettings, version: int) -> bool:
+        """Prepare the stream for `settings` (of state `version`) now if that is quick, else hand the slow
+        part (prompt encoding, LoRA files) to the worker and return False; the next frame after it
+        finishes prepares quickly. A refusal is reported and leaves the previous settings on screen."""
         finished = self._precompute.take()
         if finished is not None and finished.key[0] == id(stream):  # an id: a key must not keep a stream alive
             self._precomputed = finished.key[1]
@@ -371,14 +403,59 @@ class RenderLoop:
         if slow:
             if self._precompute.pending != (id(stream), settings):
                 self._precompute.submit((id(stream), settings), lambda: stream.precompute(settings))
+                self._asked[settings] = version
+                while len(self._asked) > _ASKED_KEPT:
+                    del self._asked[next(iter(self._asked))]
             return False
         self._precomputed = None
+        self._trying = settings
         try:
             stream.prepare(settings)
         except Exception as e:  # a style or LoRA that cannot be used: say so, keep the last look
             self._refused_settings = settings
+            if out_of_memory(e):
+                raise  # the render thread sets the state back to what fits
             self.report_error(f"settings not usable, still showing the previous ones: {type(e).__name__}: {e}")
         return True
+
+    def _show_ready(self, stream: Stream) -> bool:
+        """While the worker makes the newest settings ready, show the newest it has made ready, if newer
+        than what shows: under a flood of prompts (a new one each frame, faster than they encode) the
+        worker never catches up with the state, and without this the screen would show none of the
+        flood's changes, seeds and strengths included, until it ends. True if what shows changed."""
+        ready = self._precomputed
+        version = self._asked.get(ready) if ready is not None else None
+        if version is None or version <= self._shown_version or ready in (stream.settings, self._refused_settings):
+            return False
+        if not self._prepare(stream, ready, version) or stream.settings != ready:
+            return False
+        self._shown_version = version
+        return True
+
+    def _fit_memory(self, failure: str) -> str:
+        """After a frame or a prepare ran out of memory: give the cached memory back, and set the
+        parameters that size a frame back to those of the last frame that fitted, as a new state version
+        (unless the performer has changed them since). Returns what to report."""
+        stream, tried, fitted = self.stream, self._trying, self._fitted
+        if stream is not None:
+            release_cached_memory(stream.device)
+        if tried is None:
+            return failure
+        back = {name: getattr(fitted, name) for name in _MEMORY_PARAMS
+                if fitted is not None and getattr(tried, name) != getattr(fitted, name)}
+        if not back:  # nothing to go back to: the first frame, or the same settings fitted before
+            return (f"{_frame_size(tried, ())} does not fit in memory: lower the resolution or the steps, or "
+                    f"free the device's memory ({failure})")
+        try:
+            version = self.store.apply(back, only_if={name: getattr(tried, name) for name in back})
+        except params.ParamError as e:  # the state's other checks moved on meanwhile
+            version = None
+            log.warning("could not set the state back to what fits: %s", e)
+        if version is None:  # changed again since: the next frame tries that
+            return f"{_frame_size(tried, back)} does not fit in memory ({failure})"
+        if self._refused_settings == tried:  # asked for again later, it is tried again: memory may be free by then
+            self._refused_settings = None
+        return f"{_frame_size(tried, back)} does not fit in memory; back to {_frame_size(fitted, back)}"
 
     def _take_input(self) -> bool:
         """Move the newest input frame, if any is new, into `_last_input`; True if one was taken."""
@@ -404,6 +481,13 @@ class RenderLoop:
         if threshold <= 0 or previous is None:
             return False
         return frame_difference(raw, previous) < threshold
+
+
+def _frame_size(settings: StreamSettings, names: Collection[str]) -> str:
+    """The memory-sizing parameters `names` of `settings` for a performer: "1536x1536", "512x512, steps 4"."""
+    parts = [f"{settings.width}x{settings.height}"]
+    parts += [f"{name} {getattr(settings, name)}" for name in _MEMORY_PARAMS[2:] if name in names]
+    return ", ".join(parts)
 
 
 def output_format(dtype: str, channels: int, order: str, origin: str) -> OutputFormat:

@@ -142,6 +142,18 @@ def _unlink(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
+def _unlink_name(name: str) -> None:
+    """Remove the segment `name` without mapping it (one that cannot be mapped)."""
+    if os.name == "nt":
+        return
+    import _posixshmem
+
+    try:
+        _posixshmem.shm_unlink("/" + name.lstrip("/"))
+    except FileNotFoundError:
+        pass
+
+
 class Ring:
     """A frame ring in a shared-memory segment.
 
@@ -199,6 +211,9 @@ class Ring:
             old = _open(name)
         except FileNotFoundError:
             return None
+        except ValueError:  # an empty segment (its maker died before sizing it): cannot even be mapped
+            _unlink_name(name)
+            return None
         header = SEGMENT_HEADER.unpack_from(old.buf, 0) if old.size >= HEADER_SIZE else None
         if (header is not None and header[0] == MAGIC and header[1] == VERSION
                 and header[3] == slot_count and header[5] == slot_capacity and old.size >= size):
@@ -209,8 +224,13 @@ class Ring:
 
     @classmethod
     def attach(cls, name: str) -> "Ring":
-        """Open an existing ring; raises FileNotFoundError while it does not exist yet."""
-        shm = _open(name)
+        """Open an existing ring; raises FileNotFoundError while it does not exist yet, RingError for a
+        segment that is not a whole ring (empty, truncated, another program's)."""
+        try:
+            shm = _open(name)
+        except ValueError:  # Python cannot map an empty segment
+            raise RingError(f"segment {name!r} is empty, not an sdbridge ring (its maker is creating it, or "
+                            "died before sizing it)") from None
         try:
             return cls(shm, owner=False)
         except RingError:

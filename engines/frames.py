@@ -46,6 +46,10 @@ def rgb_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, he
     scale = _TORCH_SCALE.get(raw.dtype)
     if scale is not None:
         image = image / scale
+    else:
+        # A float frame may hold NaN or inf (a shader's division by zero): made black and white here,
+        # before the resize would spread a NaN over its neighbours and the model over the whole frame.
+        image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
     channels = image.shape[2]
     if channels == 1:
         image = image.expand(-1, -1, 3)
@@ -60,7 +64,7 @@ def rgb_image(raw: torch.Tensor, *, bgr: bool, bottom_left: bool, width: int, he
         downscale = image.shape[2] > height or image.shape[3] > width
         image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False,
                               antialias=downscale)
-    return torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    return image.clamp(0.0, 1.0)  # not in place: the image may still be the caller's pixels, or a view of them
 
 
 def client_pixels(image: torch.Tensor, fmt: OutputFormat) -> torch.Tensor:
@@ -90,8 +94,11 @@ def frame_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape or a.dtype != b.dtype:
         return 1.0
     channels = min(3, a.shape[2])
-    diff = (a[:, :, :channels].to(torch.float32) - b[:, :, :channels].to(torch.float32)).abs().mean()
-    return float(diff) / _TORCH_SCALE.get(a.dtype, 1.0)
+    full_scale = _TORCH_SCALE.get(a.dtype, 1.0)
+    diff = (a[:, :, :channels].to(torch.float32) - b[:, :, :channels].to(torch.float32)).abs()
+    # NaN and inf pixels (float frames) differ by full scale, rather than making the mean NaN or inf
+    diff = torch.nan_to_num(diff, nan=full_scale, posinf=full_scale).mean()
+    return float(diff) / full_scale
 
 
 class Staging:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from bridge import shm
+from bridge import osc_codec, shm
 
 from .conftest import ROOT, SDBRIDGE, gradient, segment_exists
 
@@ -383,3 +384,27 @@ def test_a_model_that_fails_to_load_makes_serve_exit_with_an_error(tmp_path):
     assert result.returncode == 1
     assert "failed to load" in result.stderr
     assert not any(segment_exists(n) for n in shm.segment_names(instance))
+
+
+def test_a_flood_of_new_prompts_still_shows_its_changes_as_it_goes(daemon_factory):
+    """A new prompt with every message, faster than prompts encode: the worker never catches up with
+    the state, yet the screen follows it (each frame made by one whole state: its version), and no
+    frame carries a version the state never had (0)."""
+    d = daemon_factory()
+    frame = gradient()
+    first = d.write(frame)
+    d.output_after(lambda o: o.frame_id >= first, frame)
+    shown = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        end, n = time.monotonic() + 4.0, 0
+        while time.monotonic() < end:
+            n += 1
+            bundle = osc_codec.bundle([osc_codec.message("/prompt", f"a flood of prompts, number {n}"),
+                                       osc_codec.message("/seed", n)])
+            sock.sendto(bundle, ("127.0.0.1", d.osc_port))
+            d.write(frame)
+            out = d.ring_out.read_latest()
+            shown.append(out.state_version)
+            time.sleep(0.004)
+    assert min(shown) >= 1
+    assert len(set(shown)) >= 5, f"{n} prompts sent, the screen showed versions {sorted(set(shown))}"

@@ -53,12 +53,14 @@ class Endpoints:
 # ---------------------------------------------------------------------------- frames
 class _Attachment:
     """A ring the daemon made: attached on first use, and looked for again every `retry_s` while the
-    daemon has not made it (or is not there)."""
+    daemon has not made it (or is not there). A segment under the ring's name that is not a ring (left
+    truncated, another program's) is never used: `problem` says why, until a daemon replaces it."""
 
     def __init__(self, name: str, retry_s: float = RETRY_S):
         self.name = name
         self.retry_s = retry_s
         self.ring: shm.Ring | None = None
+        self.problem = ""  # why the segment under this name cannot be used; "" while none is, or it can
         self._next_try = 0.0
 
     def attached(self) -> shm.Ring | None:
@@ -66,7 +68,12 @@ class _Attachment:
         if self.ring is None and time.monotonic() >= self._next_try:
             try:
                 self.ring = shm.Ring.attach(self.name)
-            except ATTACH_ERRORS:
+                self.problem = ""
+            except FileNotFoundError:  # no daemon made it yet: nothing wrong
+                self.problem = ""
+                self._next_try = time.monotonic() + self.retry_s
+            except ATTACH_ERRORS as e:
+                self.problem = str(e) if isinstance(e, shm.RingError) else f"segment {self.name!r}: {e}"
                 self._next_try = time.monotonic() + self.retry_s
         return self.ring
 
@@ -185,6 +192,15 @@ class DaemonLink:
     @property
     def connected(self) -> bool:
         return self.output.alive
+
+    @property
+    def problem(self) -> str:
+        """What keeps this link from working, for the component's status: a ring's segment that is not
+        a ring, or a telemetry port held by another program; "" when nothing does."""
+        for part in (self.output, self.input, *self.controls, self.telemetry):
+            if part.problem:
+                return part.problem
+        return ""
 
     def tick(self) -> bool:
         """Follow the daemon; True when a new one has appeared since the last tick."""

@@ -64,6 +64,29 @@ class TorchOptions:
         return "eager" if not on else ", ".join(on)
 
 
+# What the CPU allocator ("DefaultCPUAllocator: can't allocate memory") and MPS ("MPS backend out of
+# memory") say in the RuntimeError they raise when an allocation fails.
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "out of memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """True if `error` is an allocation that failed on any device: torch's OutOfMemoryError (CUDA),
+    Python's MemoryError, or the RuntimeError the CPU and MPS allocators raise."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back to the device, so that whatever is allocated next
+    (the frame that failed to fit, or a smaller one) finds the most room. Call it once the failed
+    work's tensors are gone: blocks still referenced (by a traceback, say) stay."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 def accelerate(stream: Any, options: TorchOptions) -> None:
     """Apply `options` to a loaded stream (engines.stream.Stream) before its first frame."""
     model = stream.model
@@ -96,7 +119,9 @@ def _use_sdpa(module: torch.nn.Module) -> None:
 
 
 class FrameGraphs:
-    """A per-frame function run as CUDA graphs, one per input shape (see the module docstring).
+    """A per-frame function run as CUDA graphs, one per input shape (see the module docstring). A shape
+    whose capture runs out of memory runs eagerly from then on, and the others keep their graphs; any
+    other capture failure turns graphs off.
 
     `fn(shape, inputs)` takes a hashable `shape` and a pytree of tensors (tuples, named tuples, None)
     and returns a pytree of tensors. `capture=False` keeps everything but the capture: the function runs
@@ -108,6 +133,7 @@ class FrameGraphs:
         self.limit = limit  # graphs kept; the least recently used one goes first
         self.captured = 0  # graphs captured so far
         self.failed = ""  # why a capture failed; then every frame runs eagerly
+        self._eager_only: set[Hashable] = set()  # keys whose capture ran out of memory: they run eagerly
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._last_key: Hashable = None
         self._streak = 0  # calls in a row with _last_key
@@ -121,13 +147,20 @@ class FrameGraphs:
         self._last_key = key
         graph = self._graphs.get(key)
         if graph is None:
-            if self.failed or self._streak < self._needed:
+            if self.failed or self._streak < self._needed or key in self._eager_only:
                 return self.fn(shape, inputs)
             try:
                 graph = self._make(key, shape, spec, leaves)
             except Exception as e:  # a show goes on eagerly rather than failing every frame
-                self.failed = f"{type(e).__name__}: {e}"
-                log.warning("CUDA graph capture failed, frames run eagerly from now on: %s", self.failed)
+                if out_of_memory(e):  # no room for this shape's graph beside its frames: the others keep theirs
+                    self._eager_only.add(key)
+                    log.warning("no memory for a CUDA graph of this frame shape; it runs eagerly: %s", e)
+                else:
+                    self.failed = f"{type(e).__name__}: {e}"
+                    log.warning("CUDA graph capture failed, frames run eagerly from now on: %s", self.failed)
+            if graph is None:
+                if self.capture and key in self._eager_only:  # here, not in the except: its traceback held
+                    torch.cuda.empty_cache()  # the failed capture's tensors
                 return self.fn(shape, inputs)
             self._needed = 2
         self._graphs.move_to_end(key)

@@ -860,11 +860,16 @@ def _on_worker_thread(work: Callable[[], Any], timeout: float, what: str) -> Any
     return outcome["result"]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that runs this checkout's bridge package, wherever this
+    process was started from, with `extra` variables set (the bench's client, the soak's daemon)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **extra)
+
+
 def run_client(args: bench_client.ClientArgs) -> dict[str, Any]:
     """Run bridge.bench_client in its own process and return its report; BenchError if it saw nothing."""
-    root = str(Path(__file__).resolve().parent.parent)  # this checkout's bridge package, wherever we run
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # numpy's copies need no thread pool
+    env = child_env(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # numpy's copies need no thread pool
     timeout = args.first_output_timeout_s + args.seconds + CLIENT_SLACK_S
     proc = subprocess.Popen([sys.executable, "-m", "bridge.bench_client", json.dumps(asdict(args))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

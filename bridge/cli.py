@@ -1,6 +1,7 @@
 """The `sdbridge` command: `serve` runs the daemon, `demo` shows it working end to end, `bench` measures
 it (throughput, latency, control latency, memory, the bare engine and the device's peak, optionally
-diffusers' own pipeline), `models` lists what the models folders hold, `touchdesigner` writes the
+diffusers' own pipeline), `soak` floods a daemon for minutes or hours and checks that it held (memory,
+fps, every message applied in order), `models` lists what the models folders hold, `touchdesigner` writes the
 script that builds the TouchDesigner component and `touchosc` a TouchOSC layout.
 
 Every setting (bridge/config.py) and every scalar parameter (bridge/params.py) is also a flag, derived
@@ -15,13 +16,20 @@ import ctypes
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from . import __version__, config, params, shm
+# torch's OpenMP threads spin while they wait for work, by default: on a show machine they take cores
+# from TouchDesigner, and on a CPU the stream's own frames stall for seconds whenever another process
+# wants a core (measured with `sdbridge soak`, docs/reliability.md). Set before torch loads (the
+# imports below); a setting of the user's own wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__, config, params, shm  # noqa: E402
 
 log = logging.getLogger("sdbridge")
 
@@ -134,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the device's peak TFLOP/s to compare against (default: the datasheet number for known "
                        "NVIDIA GPUs in float16/bfloat16, else a matmul measured now)")
     _add_flags(bench)
+    soak = sub.add_parser("soak", help="flood a real daemon with frames and parameter messages for minutes or hours "
+                          "and check that memory stays flat, fps holds and every message is applied in order",
+                          description="Start `sdbridge serve` with these flags (instance and ports replaced by "
+                          "private ones) as a child process, write frames at full rate, flood it from several OSC "
+                          "and WebSocket clients, sample memory, fps and latency, and check that every accepted "
+                          "message was applied in order. Exit code 1 on an order violation, a lost message, a "
+                          "crash, an fps collapse or memory growth.")
+    soak.add_argument("--minutes", type=_positive, default=5.0, help="how long to flood (default: 5)")
+    soak.add_argument("--osc-clients", type=int, choices=range(4), default=2, help="OSC clients (default: 2)")
+    soak.add_argument("--ws-clients", type=int, choices=range(4), default=2, help="WebSocket clients (default: 2)")
+    soak.add_argument("--rate", type=_positive, default=200.0, metavar="X",
+                      help="messages a second per client (default: 200; keep it well under max_message_rate)")
+    soak.add_argument("--input-fps", type=_positive, default=60.0, metavar="X",
+                      help="input frames written a second (default: 60)")
+    soak.add_argument("--sample-seconds", type=_positive, default=5.0, metavar="X",
+                      help="seconds between samples and printed lines (default: 5)")
+    soak.add_argument("--warmup-seconds", type=_non_negative, default=None, metavar="X",
+                      help="left out of the fps and memory verdict (default: a fifth of the run, 10 to 60 s)")
+    soak.add_argument("--json", metavar="FILE", help="also write every figure and sample to FILE as JSON")
+    _add_flags(soak)
     build = sub.add_parser("build", help="export and build the TensorRT engines the configuration needs",
                            description="Export the configured model's UNet and autoencoder (and ControlNets) to "
                            "ONNX, clean the graphs and build TensorRT engines for the configured resolution(s) "
@@ -194,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    # python-osc logs every malformed packet itself; the daemon reports those, rate-limited
-    logging.getLogger("pythonosc").setLevel(logging.ERROR)
+    if args.command == "soak":  # loads no model: the daemon it drives is a process of its own
+        return _soak(settings, initial, args, argv)
     _keep_freed_memory()
     from engines.registry import ModelError  # torch loads here, after the arguments are known to be good
 
@@ -309,6 +337,54 @@ def _bench(settings: config.Settings, initial: dict[str, Any], args: argparse.Na
         print(f"sdbridge: bench: the diffusers baseline failed: {result.diffusers.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _soak(settings: config.Settings, initial: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> int:
+    from . import soak
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the soak's clean-up, which stops its daemon
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    options = soak.SoakOptions(minutes=args.minutes, osc_clients=args.osc_clients, ws_clients=args.ws_clients,
+                               rate=args.rate, input_fps=args.input_fps, sample_s=args.sample_seconds,
+                               warmup_s=args.warmup_seconds, command=shlex.join(["sdbridge", *argv]))
+    try:
+        result = soak.run(settings, initial, _serve_flags(args), options,
+                          on_sample=lambda sample: print(sample.line(), flush=True))
+    except (soak.SoakError, ValueError) as e:
+        print(f"sdbridge: soak: {e}", file=sys.stderr)
+        return 1 if isinstance(e, soak.SoakError) else 2
+    except KeyboardInterrupt:
+        print("sdbridge: soak interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, indent=2)
+    print(result.summary(), flush=True)
+    return 0 if result.passed else 1
+
+
+def _serve_flags(args: argparse.Namespace) -> list[str]:
+    """The serve flags given in `args` (the config file, settings and initial parameters), written
+    out again for `sdbridge serve` in a child process."""
+    out = ["--config", args.config] if args.config else []
+    for f in dataclasses.fields(config.Settings):
+        value = getattr(args, f.name, None)
+        flag = f.metadata.get("flag") or _flag(f.name)
+        if value is None:
+            continue
+        if isinstance(f.default, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(f.default, tuple):
+            out += [part for item in value for part in (flag, str(item))]
+        else:
+            out += [flag, str(value)]
+    for p in _flag_params():
+        value = getattr(args, p.name, None)
+        if value is not None:
+            out += [_flag(p.name), str(int(value)) if p.kind is bool else str(value)]
+    return out
 
 
 def _build(settings: config.Settings, initial: dict[str, Any], args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from engines.preprocess import PASSTHROUGH, PREPROCESSORS
 
-from . import params
+from . import access, params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,10 +31,11 @@ class ConfigError(ValueError):
 
 
 def _setting(default: Any, doc: str, choices: tuple[str, ...] = (), metavar: str | None = None,
-             flag: str | None = None) -> Any:
+             flag: str | None = None, secret: bool = False) -> Any:
     """A setting; `flag` names its command-line flag where --<name> reads badly (a list's flag repeats, one
-    item each: --controlnet NAME for `controlnets`)."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "metavar": metavar, "flag": flag})
+    item each: --controlnet NAME for `controlnets`); a `secret` one is left out of the settings' repr."""
+    return field(default=default, repr=not secret,
+                 metadata={"doc": doc, "choices": choices, "metavar": metavar, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,22 @@ class Settings:
                            "line override its values. Empty: none.", metavar="NAME")
     instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
     host: str = _setting("127.0.0.1", "Address the OSC, HTTP/WebSocket and OSCQuery servers bind to: 127.0.0.1 serves "
-                         "this machine only; 0.0.0.0 every network (a phone as a controller, a remote TouchDesigner). "
-                         "Anyone on that network can then play the daemon: only on a network you trust.")
+                         "this machine only; 0.0.0.0 every network (a phone as a controller, a tablet running "
+                         "TouchOSC). Then other machines need the token for the web page and the WebSocket, and "
+                         "must be in osc_allow to send OSC or use OSCQuery; this machine's clients need neither.")
+    token: str = _setting("", "Password other machines give the web page, its API and the WebSocket when host is not "
+                          "127.0.0.1 (the page's link carries it: http://HOST:PORT/?token=...; scripts may send "
+                          "`Authorization: Bearer TOKEN`). At least 16 characters. Empty: one is made and kept in "
+                          "~/.config/sdbridge/token (%APPDATA%\\sdbridge\\token), and the log shows the link.",
+                          secret=True)
+    osc_allow: tuple[str, ...] = _setting(
+        (), "Other machines allowed to send OSC (and to use OSCQuery) when host is not 127.0.0.1: addresses or "
+        "networks, such as 192.168.1.20 or 192.168.1.0/24 (the flag repeats). This machine always may. Empty: "
+        "no other machine.", metavar="ADDRESS", flag="--osc-allow")
+    max_message_rate: float = _setting(
+        2000.0, "Messages a second one client may send (an OSC source, a WebSocket or OSCQuery connection, a web "
+        "page's requests), after a burst of as many again; beyond it they are dropped, counted (telemetry "
+        "`dropped`) and reported once a second. 0: no limit.")
     osc_port: int = _setting(9100, "UDP port for OSC control (0 picks a free port).")
     telemetry_host: str = _setting("127.0.0.1", "Where OSC telemetry (/sdbridge/...) is sent.")
     telemetry_port: int = _setting(9101, "UDP port telemetry is sent to.")
@@ -75,7 +90,9 @@ class Settings:
     oscquery_port: int = _setting(9103, "TCP port of the OSCQuery server: the parameter tree as JSON over HTTP, for "
                                   "VDMX, MadMapper, Chataigne, ossia score (0 picks a free port).")
     mdns: bool = _setting(True, "Advertise the OSCQuery server (_oscjson._tcp) and the OSC port (_osc._udp) over mDNS "
-                          "(Bonjour, zeroconf), so that OSCQuery clients find the daemon by themselves.")
+                          "(Bonjour, zeroconf), so that OSCQuery clients find the daemon by themselves; only when "
+                          "host is not 127.0.0.1, since mDNS listens on every network (OSCQuery apps on this machine: "
+                          "http://127.0.0.1:9103/).")
     max_width: int = _setting(1024, "Largest frame width the rings hold.")
     max_height: int = _setting(1024, "Largest frame height the rings hold.")
     slot_count: int = _setting(3, "Slots per ring (at least 2).")
@@ -164,6 +181,13 @@ class Settings:
             raise ConfigError("slot_count must be at least 2")
         if not self.telemetry_interval > 0:
             raise ConfigError("telemetry_interval must be above 0 seconds")
+        object.__setattr__(self, "osc_allow", tuple(str(a) for a in self.osc_allow))
+        try:
+            access.Access(self.host, self.token, self.osc_allow)
+        except access.AccessError as e:
+            raise ConfigError(str(e)) from None
+        if not self.max_message_rate >= 0 or math.isinf(self.max_message_rate):
+            raise ConfigError("max_message_rate must be a number of messages a second, at least 0")
         for name in ("max_width", "max_height"):
             if getattr(self, name) < 64:
                 raise ConfigError(f"{name} must be at least 64")
@@ -187,6 +211,14 @@ class Settings:
     def preprocess(self, k: int) -> str:
         """ControlNet k's preprocessor."""
         return self.controlnet_preprocess[k] if k < len(self.controlnet_preprocess) else PASSTHROUGH
+
+
+def user_folder() -> Path:
+    """The user's sdbridge folder (presets, the kept token): %APPDATA%\\sdbridge on Windows,
+    ~/.config/sdbridge elsewhere ($XDG_CONFIG_HOME honoured)."""
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "sdbridge"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "sdbridge"
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -265,7 +297,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        # a JSON string is a TOML basic string, once DEL is escaped too (JSON leaves it, TOML forbids it raw)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, float) and not math.isfinite(value):

@@ -21,9 +21,9 @@ from engines.bundle import ModelError
 from engines.folders import CHECKPOINTS, LORAS, TAESD, VAE, ModelFolders
 from engines.stream import Stream
 
-from . import osc, oscquery, params, shm
+from . import access, osc, oscquery, params, shm
 from .builds import EngineService
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, user_folder
 from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
 from .presets import PresetError, Presets, default_folder
@@ -75,6 +75,11 @@ class Daemon:
         self.engines = EngineService(settings, lambda: self.store.snapshot().values, self._between_frames,
                                      self.device)
         self.telemetry = osc.Telemetry(settings.telemetry_host, settings.telemetry_port)
+        # Exposed to the network with no token given: the one kept for this user, so bookmarked links last.
+        token = settings.token or (access.kept_token(user_folder() / "token")
+                                   if not access.is_loopback(settings.host) else "")
+        self.access = access.Access(settings.host, token, settings.osc_allow)
+        self.limits = access.RateLimit(settings.max_message_rate)  # per client, every listener's
         self.osc_port = settings.osc_port
         self.errors = 0
         self._errors_suppressed = 0
@@ -111,15 +116,22 @@ class Daemon:
             self.stop()
             raise
         self.osc_port = self._transport.get_extra_info("sockname")[1]
-        if s.mdns:
+        # mDNS listens on every network whatever it advertises: a daemon for this machine only stays off it
+        advertise = s.mdns and self.access.exposed
+        if advertise:
             self._advertiser = oscquery.Advertiser(s.instance, s.host, self.oscquery.port, self.osc_port)
             self._advertiser.start()  # in the background: probing the network takes seconds
         self.loop.start()
         log.info("OSC control on udp://%s:%d; telemetry to udp://%s:%d", s.host, self.osc_port,
                  s.telemetry_host, s.telemetry_port)
+        link = f"?token={self.access.token}" if self.access.exposed else ""
         for address in oscquery.reachable_addresses(s.host):  # for 0.0.0.0: the ones to open on a phone
-            log.info("web control page on http://%s:%d/ (WebSocket /ws); OSCQuery on http://%s:%d/%s", address,
-                     self.web.port, address, self.oscquery.port, " (advertised over mDNS)" if s.mdns else "")
+            log.info("web control page on http://%s:%d/%s (WebSocket /ws); OSCQuery on http://%s:%d/%s", address,
+                     self.web.port, link, address, self.oscquery.port, " (advertised over mDNS)" if advertise else "")
+        if self.access.exposed:
+            log.info("open to the network: other machines need the link's token for the web page and WebSocket; "
+                     "OSC and OSCQuery answer %s", ", ".join(map(str, self.access.networks)) + " and this machine"
+                     if self.access.networks else "this machine only (add --osc-allow ADDRESS for a phone or tablet)")
         log.info("shared memory: input %s, output %s (%d slots, up to %dx%d)", self.name_in, self.name_out,
                  s.slot_count, s.max_width, s.max_height)
         for k, (name, view) in enumerate(self.control_names):
@@ -146,7 +158,7 @@ class Daemon:
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
-                               save=self.save_preset)
+                               save=self.save_preset, access=self.access, limits=self.limits)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
@@ -155,12 +167,13 @@ class Daemon:
         self._transport = transport  # closed by _stop_io if what follows fails
         osc_port = transport.get_extra_info("sockname")[1]
         self.web = WebServer(self, self.ring_out, max_frame_bytes=self.ring_in.slot_capacity,
-                             telemetry_interval=s.telemetry_interval)
+                             telemetry_interval=s.telemetry_interval, access=self.access, limits=self.limits)
         await self.web.start(s.host, s.http_port)
         # OSC over the OSCQuery WebSocket (browser-based clients) is handled like a datagram
         self.oscquery = oscquery.OscQueryServer(self.schema_params, self._versioned_values, f"sdbridge {s.instance}",
                                                 s.host, osc_port,
-                                                on_osc=lambda data: server.datagram_received(data, ("oscquery", 0)))
+                                                on_osc=server.datagram_received, access=self.access,
+                                                limits=self.limits)
         await self.oscquery.start(s.host, s.oscquery_port)
         self._telemetry_loop = asyncio.get_running_loop().create_task(self._telemetry_task())
         return transport
@@ -208,8 +221,9 @@ class Daemon:
         self.telemetry.close()
         if self.loop is not None:
             stats = self.loop.stats
-            log.info("served %d frames, skipped %d similar inputs, refused %d messages or frames",
-                     stats.frames, stats.skipped, self.errors)
+            log.info("served %d frames, skipped %d similar inputs, refused %d messages or frames, dropped %d unread "
+                     "(over a client's rate or from a stranger)", stats.frames, stats.skipped, self.errors,
+                     self.limits.dropped + self.access.refused)
         log.info("stopped; removed %s and %s%s", self.name_in, self.name_out,
                  f" and {len(self.control_rings)} ControlNet rings" if self.control_rings else "")
 
@@ -312,7 +326,9 @@ class Daemon:
             "status": self.status, "state_version": self.store.version,
             # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
             "model": self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model,
-            "backend": self.engines.describe()}
+            "backend": self.engines.describe(),
+            # messages dropped unread: over a client's rate, or from a machine without the token or osc_allow
+            "dropped": self.limits.dropped + self.access.refused}
         if self.engines.attached is not None:
             values["refit_ms"] = float(self.engines.refit_ms)  # 0 if the engines went meanwhile
         if self.loop is not None:

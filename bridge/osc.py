@@ -15,9 +15,8 @@ import socket
 import threading
 from typing import Any, Callable, Iterable, NamedTuple
 
-from pythonosc.osc_packet import OscPacket, ParseError
-
 from . import osc_codec, params
+from .access import Access, RateLimit, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +33,16 @@ class OscError(ValueError):
 
 # ---------------------------------------------------------------------------- pure: decoding
 def decode(data: bytes) -> list[tuple[str, list[Any]]]:
-    """Every message in a datagram (bundles flattened, in order) as (address, arguments)."""
+    """Every message in a datagram (bundles flattened, in order) as (address, arguments); OscError for
+    anything malformed, which refuses the whole datagram."""
+    # bridge/osc_codec, not python-osc: python-osc skips an unknown type tag or a bundle element it cannot
+    # read (applying the rest of a malformed datagram), logs a warning on the root logger for each (a flood
+    # of bad datagrams floods the log), and recurses without bound into nested bundles (a RecursionError
+    # out of the server for one 12 KB datagram). tests/test_fuzz.py holds these cases.
     try:
-        packet = OscPacket(data)
-    except (ParseError, ValueError, IndexError, TypeError) as e:  # python-osc raises more than ParseError
+        return osc_codec.decode(data)
+    except osc_codec.OscCodecError as e:
         raise OscError(f"unreadable OSC packet ({len(data)} bytes): {e}") from None
-    return [(m.message.address, list(m.message.params)) for m in packet.messages]
 
 
 def message_changes(address: str, args: list[Any]) -> dict[str, Any]:
@@ -120,6 +123,8 @@ class Telemetry:
     def __init__(self, host: str, port: int):
         self.target = (host, port)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if is_loopback(host):  # else its first send binds it to every network, open to what others send it
+            self._sock.bind(("127.0.0.1", 0))
         self._lock = threading.Lock()
 
     def send(self, name: str, *args: Any) -> None:
@@ -139,13 +144,18 @@ class OscServer(asyncio.DatagramProtocol):
     and `save(name)` are the presets' (ValueError when they cannot); without them presets are refused."""
 
     def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None],
-                 recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None):
+                 recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None,
+                 access: Access | None = None, limits: RateLimit | None = None):
         self._apply = apply
         self._on_error = on_error
         self._recall = recall
         self._save = save
+        self._access = access  # None: every source may play (tests of the pure handling)
+        self._limits = limits
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if not self._admitted(addr):
+            return
         changes, errors, saves = read_packet(data, self._recall)
         if saves and self._save is None:
             errors.append(f"{PRESET_SAVE}: presets are not available here")
@@ -162,6 +172,23 @@ class OscServer(asyncio.DatagramProtocol):
                 self._save(name)
         except ValueError as e:  # a refused change set, or a preset that could not be saved
             self._on_error(str(e))
+
+    def _admitted(self, addr: tuple) -> bool:
+        """Is the datagram from `addr` to be read? Not from a machine outside osc_allow, nor beyond its
+        source's rate; either is counted and reported, at most once a second per source."""
+        source = f"{addr[0]}:{addr[1]}"
+        if self._access is not None and not self._access.osc_allowed(addr[0]):
+            if self._access.count_refusal(("osc", addr[0])):
+                self._on_error(f"OSC from {addr[0]} refused: not in osc_allow (add --osc-allow {addr[0]} to let "
+                               "it play)")
+            return False
+        if self._limits is not None and not self._limits.allow(("osc", source)):
+            dropped = self._limits.report_due(("osc", source))
+            if dropped:
+                self._on_error(f"OSC from {source}: over {self._limits.rate:g} messages a second; {dropped} "
+                               "dropped")
+            return False
+        return True
 
     def error_received(self, exc: Exception) -> None:  # e.g. ICMP port unreachable on some platforms
         log.debug("OSC socket error: %s", exc)

@@ -5,8 +5,9 @@ encode with `message` and `bundle`, and that client reads telemetry with `decode
 Python has no python-osc, so this module embeds into the .tox as it is (DESIGN.md: the TD side reuses
 the pure protocol modules, never a second implementation); it imports only the standard library.
 
-The daemon still parses the datagrams it is sent with python-osc (bridge/osc.py), the well-kept parser
-for input from the network; tests hold the two to the same bytes both ways.
+The daemon reads the datagrams it is sent with `decode` as well (bridge/osc.decode): strict (a malformed
+part refuses the whole datagram), bounded in bundle nesting, and silent (the caller reports). Tests hold
+it to python-osc's bytes both ways (tests/test_osc_codec.py) and fuzz it (tests/test_fuzz.py).
 """
 import struct
 from typing import Any, Iterable
@@ -27,8 +28,8 @@ class OscCodecError(ValueError):
 
 # ---------------------------------------------------------------------------- encoding
 def message(address: str, *args: Any) -> bytes:
-    """One OSC message: ints as i (h beyond 32 bits), floats as f, str as s, bytes as b, bools as T/F,
-    None as N, lists as arrays."""
+    """One OSC message: ints as i (h beyond 32 bits), floats as f (d beyond float32's range), str as s,
+    bytes as b, bools as T/F, None as N, lists as arrays."""
     if not address.startswith("/"):
         raise OscCodecError(f"an OSC address starts with '/', not {address!r}")
     tags, data = [","], []
@@ -61,8 +62,12 @@ def _encode_arg(arg: Any, tags: list[str], data: list[bytes]) -> None:
             except struct.error:
                 raise OscCodecError(f"{arg} does not fit OSC's 64-bit integers") from None
     elif isinstance(arg, float):
-        tags.append("f")
-        data.append(_FLOAT32.pack(arg))
+        try:
+            data.append(_FLOAT32.pack(arg))
+            tags.append("f")
+        except OverflowError:  # beyond float32's range: a 64-bit double keeps it (python-osc raises here)
+            data.append(_FLOAT64.pack(arg))
+            tags.append("d")
     elif isinstance(arg, str):
         tags.append("s")
         data.append(_string(arg))

@@ -58,6 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import osc, osc_codec
+from .access import Access, RateLimit
 from .web import CLOSE_TIMEOUT_S, QuietLogger, close_server, http_response, json_response, refuse_foreign
 from .params import Param
 
@@ -306,12 +307,15 @@ class OscQueryServer:
 
     def __init__(self, parameters: Callable[[], Sequence[Param]],
                  values: Callable[[], tuple[int, Mapping[str, Any]]], name: str, osc_ip: str, osc_port: int,
-                 on_osc: Callable[[bytes], None] | None = None):
+                 on_osc: Callable[[bytes, tuple[str, int]], None] | None = None, access: Access | None = None,
+                 limits: RateLimit | None = None):
         self._parameters = parameters
         self._values = values
         self._name = name
         self._info = host_info(name, osc_ip, osc_port)
         self._on_osc = on_osc
+        self._access = access or Access("127.0.0.1")
+        self._limits = limits or RateLimit(0)
         self._server: Server | None = None
         self._clients: dict[ServerConnection, _Client] = {}
         self._addresses: frozenset[str] = frozenset()  # the namespace's addresses, as last looked at
@@ -359,6 +363,14 @@ class OscQueryServer:
         refused = refuse_foreign(request)
         if refused is not None:
             return refused
+        # OSCQuery is OSC's discovery: it answers the machines that may send OSC (osc_allow), no others
+        peer = str(connection.remote_address[0]) if connection.remote_address else ""
+        if not self._access.osc_allowed(peer):
+            if self._access.count_refusal(("oscquery", peer)):
+                log.warning("OSCQuery request from %s refused: not in osc_allow", peer)
+            return _response(http.HTTPStatus.FORBIDDEN, None)
+        if not self._limits.allow(("http", peer)):
+            return _response(http.HTTPStatus.TOO_MANY_REQUESTS, None)
         if request.method == "GET" and "websocket" in request.headers.get("Upgrade", "").lower():
             return None
         if request.method != "GET":
@@ -379,9 +391,10 @@ class OscQueryServer:
         try:
             async for message in connection:
                 if isinstance(message, str):
-                    await self._command(client, message)
+                    if self._limits.allow(("oscquery", id(client))):  # commands beyond the rate: dropped
+                        await self._command(client, message)
                 elif self._on_osc is not None:
-                    self._on_osc(bytes(message))
+                    self._on_osc(bytes(message), connection.remote_address[:2])  # rate-limited as OSC from there
                 else:
                     log.debug("OSCQuery client %s sent OSC over the WebSocket; dropped (send it to the OSC port)",
                               connection.remote_address)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,11 +28,7 @@ class PresetError(ValueError):
 
 def default_folder() -> Path:
     """The user's presets folder: %APPDATA%\\sdbridge\\presets on Windows, ~/.config/sdbridge/presets elsewhere."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "sdbridge" / "presets"
+    return config.user_folder() / "presets"
 
 
 def check_name(name: Any) -> str:

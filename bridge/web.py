@@ -21,9 +21,11 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import socket
 import struct
 import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from websockets.http11 import Request, Response
 from engines.frames import MAX_INPUT_SIDE
 
 from . import params, shm
+from .access import Access, RateLimit
 from .presets import PresetError
 from .state import Snapshot
 
@@ -69,6 +72,7 @@ DEFAULT_MAX_FPS = 30.0
 MAX_FPS = 240.0
 DEFAULT_JPEG_QUALITY = 80
 EVENTS_KEPT = 32  # errors waiting for a slow client; older ones are dropped
+COOKIE_MAX_AGE_S = 30 * 24 * 3600  # a phone that opened the page's link stays in for a month of shows
 MAX_CLIENTS = 32  # WebSocket connections at once; more are refused (503)
 CLOSE_TIMEOUT_S = 1.0  # a client gets this long to answer the closing handshake; then its connection is cut
 _PUMP_INTERVAL_S = 0.004  # how often pushes are looked for while anyone subscribes
@@ -219,6 +223,7 @@ class Api(Protocol):
     def offer_input(self, frame: shm.Frame) -> None: ...
     def offer_control(self, k: int, frame: shm.Frame) -> None: ...  # raises ValueError for an unknown k
     def preset_names(self) -> list[str]: ...
+    def report_error(self, message: str) -> None: ...  # counted, logged and sent on telemetry
     def recall_preset(self, name: str) -> int: ...  # raises PresetError, params.ParamError
     def save_preset(self, name: str) -> None: ...  # raises PresetError
 
@@ -265,19 +270,27 @@ class Session:
                 message = json.loads(text)
             except (ValueError, RecursionError) as e:
                 raise MessageError("invalid_json", f"not JSON: {e}"[:200]) from None
+            try:  # an escaped lone surrogate ("\ud800") parses, but it is no text: a preset file could not hold it
+                json.dumps(message, ensure_ascii=False).encode("utf-8")
+            except (UnicodeEncodeError, RecursionError):
+                raise MessageError("invalid_json", "a string holds an unpaired surrogate escape (\\ud800 to \\udfff) "
+                                   "or the message is nested too deeply") from None
             if not isinstance(message, dict):
                 raise MessageError("invalid_message", "a message is a JSON object with a \"type\"")
             id = message.get("id")
+            # NaN and Infinity parse (Python's json), but a reply carrying them is not JSON a browser reads
             if not (id is None or isinstance(id, (int, float, str)) and not isinstance(id, bool)) or (
-                    isinstance(id, str) and len(id) > MAX_ID_LENGTH):
+                    isinstance(id, str) and len(id) > MAX_ID_LENGTH) or (
+                    isinstance(id, float) and not math.isfinite(id)):
                 id = None
-                raise MessageError("invalid_message", f"\"id\" is a number or a string of at most {MAX_ID_LENGTH} "
-                                   "characters")
+                raise MessageError("invalid_message", f"\"id\" is a finite number or a string of at most "
+                                   f"{MAX_ID_LENGTH} characters")
             kind = message.get("type")
             handler = {"set": self._set, "get": self._get, "subscribe": self._subscribe,
-                       "preset": self._preset}.get(kind)  # type: ignore[arg-type]
+                       "preset": self._preset}.get(kind) if isinstance(kind, str) else None  # a list is unhashable
             if handler is None:
-                raise MessageError("unknown_type", f"unknown message type {kind!r}; expected set, get, subscribe or preset")
+                raise MessageError("unknown_type", f"unknown message type {repr(kind)[:80]}; expected set, get, "
+                                   "subscribe or preset")
             return handler(message, id)
         except MessageError as e:
             return [error_message(e.code, str(e), id)]
@@ -340,8 +353,8 @@ class Session:
         if unknown:
             raise MessageError("invalid_message", f"unknown frames option(s) {', '.join(sorted(unknown))}")
         encoding = options.get("encoding", "jpeg")
-        if encoding not in ENCODINGS:
-            raise MessageError("invalid_message", f"frames encoding {encoding!r}: expected jpeg, png or raw")
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:  # a list or object is unhashable
+            raise MessageError("invalid_message", f"frames encoding {repr(encoding)[:80]}: expected jpeg, png or raw")
         max_fps = options.get("max_fps", DEFAULT_MAX_FPS)
         if isinstance(max_fps, bool) or not isinstance(max_fps, (int, float)) or not 0 < max_fps <= MAX_FPS:
             raise MessageError("invalid_message", f"frames max_fps {max_fps!r}: a number above 0, at most {MAX_FPS:g}")
@@ -394,11 +407,14 @@ class _Client:
 class WebServer:
     """The HTTP + WebSocket server of one daemon, on the daemon's asyncio loop."""
 
-    def __init__(self, api: Api, output_ring: shm.Ring, *, max_frame_bytes: int, telemetry_interval: float):
+    def __init__(self, api: Api, output_ring: shm.Ring, *, max_frame_bytes: int, telemetry_interval: float,
+                 access: Access | None = None, limits: RateLimit | None = None):
         self.api = api
         self.output_ring = output_ring
         self.max_frame_bytes = max_frame_bytes
         self.telemetry_interval = telemetry_interval
+        self.access = access or Access("127.0.0.1")
+        self.limits = limits or RateLimit(0)
         self._server: Server | None = None
         self._clients: set[_Client] = set()
         self._subscribed = asyncio.Event()
@@ -456,8 +472,8 @@ class WebServer:
 
     # ------------------------------------------------------------------ HTTP
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.partition("?")[0]
-        refused = refuse_foreign(request)
+        path, _, query = request.path.partition("?")
+        refused = refuse_foreign(request) or self._refuse_stranger(connection, request, path, query)
         if refused is not None:
             return refused
         if path == WS_PATH:
@@ -478,15 +494,44 @@ class WebServer:
             return json_response(state_body(self.api.snapshot()))
         return _text_response(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
 
+    def _refuse_stranger(self, connection: ServerConnection, request: Request, path: str,
+                         query: str) -> Response | None:
+        """A 429 for a machine over its request rate; for another machine while the daemon is exposed, a
+        401 without the token. The token in a page's link becomes a cookie, and the link loses it."""
+        peer = _peer(connection)
+        if not self.limits.allow(("http", peer)):
+            return _text_response(HTTPStatus.TOO_MANY_REQUESTS, f"over {self.limits.rate:g} requests a second\n")
+        if not self.access.needs_token(peer):
+            return None
+        cookie = f"sdbridge_token_{self.port}"
+        from_link = urllib.parse.parse_qs(query).get("token", [None])[-1]
+        bearer = request.headers.get("Authorization", "").partition("Bearer ")
+        offered = [from_link, bearer[2].strip() if bearer[1] and not bearer[0] else None,
+                   _cookies(request.headers).get(cookie)]
+        if not any(self.access.token_matches(token) for token in offered):
+            if self.access.count_refusal(("http", peer)):
+                log.warning("web request from %s refused: no valid token", peer)
+            return _text_response(HTTPStatus.UNAUTHORIZED, "this daemon is open to the network and wants its token: "
+                                  "open the link its log shows at start (http://ADDRESS:PORT/?token=...)\n")
+        if from_link is not None and path in PAGE_FILES:
+            # the link opened on a phone: the browser keeps the token, the address bar and history lose it
+            return http_response(HTTPStatus.SEE_OTHER, b"", None, ("Location", path),
+                                 ("Set-Cookie", f"{cookie}={self.access.token}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; "
+                                                "HttpOnly; SameSite=Strict"))
+        return None
+
     # ------------------------------------------------------------------ WebSocket
     async def _connection(self, connection: ServerConnection) -> None:
         client = _Client(connection, Session(self.api))
         self._clients.add(client)
         loop = asyncio.get_running_loop()
         tasks = (loop.create_task(self._send_forever(client)), loop.create_task(self._decode_forever(client)))
+        key = ("ws", id(client))
         try:
             async for message in connection:
-                if isinstance(message, str):
+                if not self.limits.allow(key):
+                    await self._over_rate(client, key)
+                elif isinstance(message, str):
                     await self._reply(connection, self._handle_text(client, message))
                 else:
                     client.receive_frame(message)
@@ -496,6 +541,14 @@ class WebServer:
             self._clients.discard(client)
             for task in tasks:
                 task.cancel()
+
+    async def _over_rate(self, client: _Client, key: tuple) -> None:
+        """A message over the client's rate was dropped: once a second, tell it and the daemon how many."""
+        dropped = self.limits.report_due(key)
+        if dropped:
+            text = f"over {self.limits.rate:g} messages a second: {dropped} dropped"
+            self.api.report_error(f"WebSocket client {_peer(client.connection)}: {text}")
+            await self._reply(client.connection, [error_message("rate_limited", text)])
 
     def _handle_text(self, client: _Client, message: str) -> list[dict[str, Any]]:
         replies = client.session.handle_text(message)
@@ -649,6 +702,21 @@ def refuse_foreign(request: Request) -> Response | None:
     if len(origins) > 1 or origins and origins[0].partition("://")[2] != host:
         return _text_response(HTTPStatus.FORBIDDEN, "cross-origin requests are refused\n")
     return None
+
+
+def _peer(connection: ServerConnection) -> str:
+    """The address a connection comes from ("" when the socket is already gone)."""
+    address = connection.remote_address
+    return str(address[0]) if address else ""
+
+
+def _cookies(headers: Headers) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for line in headers.get_all("Cookie"):
+        for pair in line.split(";"):
+            name, _, value = pair.strip().partition("=")
+            cookies.setdefault(name, value)
+    return cookies
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

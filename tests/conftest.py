@@ -18,6 +18,7 @@ from pythonosc.udp_client import SimpleUDPClient
 
 from bridge import osc, shm
 from bridge.osc import free_udp_port
+from bridge.oscquery import reachable_addresses
 from bridge.web import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,9 @@ _instances = itertools.count()
 
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
+# This machine's own network addresses: reaching one is still this machine (how tests play a stranger
+# on the network to a daemon bound to 0.0.0.0).
+MACHINE_ADDRESSES = tuple(a for a in reachable_addresses("0.0.0.0") if a != "127.0.0.1")
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +39,8 @@ def no_network(monkeypatch):
     real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
     def _local(host) -> bool:
-        return isinstance(host, str) and (host in _LOCAL_HOSTS or host.startswith("127.")) or host is None
+        return isinstance(host, str) and (host in _LOCAL_HOSTS or host.startswith("127.")
+                                          or host in MACHINE_ADDRESSES) or host is None
 
     def connect(sock, address):
         if sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
@@ -125,7 +130,7 @@ class DaemonProcess:
     `telemetry_port` the test listens for telemetry itself, and `wait_started` waits for the rings only."""
 
     def __init__(self, *extra: str, instance: str | None = None, width: int = 128, height: int = 128,
-                 telemetry_port: int | None = None):
+                 telemetry_port: int | None = None, env: dict[str, str] | None = None):
         self.instance = instance or unique_instance()
         self.osc_port = free_udp_port()
         self.http_port, self.oscquery_port = free_tcp_port(), free_tcp_port()
@@ -140,7 +145,7 @@ class DaemonProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         self.osc = SimpleUDPClient("127.0.0.1", self.osc_port)
         self.ring_in = self.ring_out = None
         self.frame_id = 0

@@ -226,7 +226,7 @@ class Served:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = oscquery.OscQueryServer(self.parameters, self.values, "test", "127.0.0.1", 9100,
-                                              on_osc=lambda data: self.store.apply(osc.read_packet(data).changes))
+                                              on_osc=lambda data, source: self.store.apply(osc.read_packet(data).changes))
         self.run(self.server.start("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.port}"
 

@@ -73,6 +73,7 @@
 
   async function fetchJSON(path) {
     const response = await fetch(path, {cache: "no-store"});
+    if (response.status === 401) throw new Error("this daemon wants its token: open the link its log shows");
     if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
     return response.json();
   }

@@ -280,7 +280,7 @@ class SdbridgeExt:
         if link is None:
             status = "not connected (see Last Error)"
         else:
-            status = link.telemetry.problem or parameters.status_line(telemetry, time.monotonic(), link.connected)
+            status = link.problem or parameters.status_line(telemetry, time.monotonic(), link.connected)
         shown = {
             "Status": status,
             "Fps": _number(telemetry.get("fps")),

@@ -32,15 +32,22 @@ class AccessError(ValueError):
     """A setting that would leave the daemon open or unusable; the message says what to change."""
 
 
-def is_loopback(address: str) -> bool:
-    """True for this machine's own addresses (127.0.0.0/8, ::1, and IPv4-mapped forms of them)."""
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a peer's address string names (an IPv4-mapped IPv6 one as IPv4; a zone dropped);
+    None for anything that is not an IP address."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return address == "localhost"
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback(address: str) -> bool:
+    """True for this machine's own addresses (127.0.0.0/8, ::1, and IPv4-mapped forms of them)."""
+    ip = _ip(address)
+    return address == "localhost" if ip is None else ip.is_loopback
 
 
 def parse_networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -90,13 +97,8 @@ class Access:
         """May OSC (or an OSCQuery client) from `address` play the daemon?"""
         if is_loopback(address):
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        ip = _ip(address)
+        return ip is not None and any(ip in network for network in self.networks)
 
     def needs_token(self, address: str) -> bool:
         """Must an HTTP or WebSocket client at `address` show the token?"""

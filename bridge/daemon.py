@@ -223,7 +223,7 @@ class Daemon:
             stats = self.loop.stats
             log.info("served %d frames, skipped %d similar inputs, refused %d messages or frames, dropped %d unread "
                      "(over a client's rate or from a stranger)", stats.frames, stats.skipped, self.errors,
-                     self.limits.dropped + self.access.refused)
+                     self.dropped)
         log.info("stopped; removed %s and %s%s", self.name_in, self.name_out,
                  f" and {len(self.control_rings)} ControlNet rings" if self.control_rings else "")
 
@@ -327,8 +327,7 @@ class Daemon:
             # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
             "model": self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model,
             "backend": self.engines.describe(),
-            # messages dropped unread: over a client's rate, or from a machine without the token or osc_allow
-            "dropped": self.limits.dropped + self.access.refused}
+            "dropped": self.dropped}
         if self.engines.attached is not None:
             values["refit_ms"] = float(self.engines.refit_ms)  # 0 if the engines went meanwhile
         if self.loop is not None:
@@ -338,6 +337,11 @@ class Daemon:
             for k, status in enumerate(self.loop.controls.status()):
                 values[f"controlnet/{k}"] = status
         return values
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped unread: over a client's rate, or from a machine without the token or osc_allow."""
+        return self.limits.dropped + self.access.refused
 
     def preset_names(self) -> list[str]:
         return self.presets.names()

@@ -59,7 +59,7 @@ from websockets.http11 import Request, Response
 
 from . import osc, osc_codec
 from .access import Access, RateLimit
-from .web import CLOSE_TIMEOUT_S, QuietLogger, close_server, http_response, json_response, refuse_foreign
+from .web import CLOSE_TIMEOUT_S, QuietLogger, close_server, http_response, json_response, peer, refuse_foreign
 from .params import Param
 
 log = logging.getLogger(__name__)
@@ -364,12 +364,12 @@ class OscQueryServer:
         if refused is not None:
             return refused
         # OSCQuery is OSC's discovery: it answers the machines that may send OSC (osc_allow), no others
-        peer = str(connection.remote_address[0]) if connection.remote_address else ""
-        if not self._access.osc_allowed(peer):
-            if self._access.count_refusal(("oscquery", peer)):
-                log.warning("OSCQuery request from %s refused: not in osc_allow", peer)
+        address = peer(connection)
+        if not self._access.osc_allowed(address):
+            if self._access.count_refusal(("oscquery", address)):
+                log.warning("OSCQuery request from %s refused: not in osc_allow", address)
             return _response(http.HTTPStatus.FORBIDDEN, None)
-        if not self._limits.allow(("http", peer)):
+        if not self._limits.allow(("http", address)):
             return _response(http.HTTPStatus.TOO_MANY_REQUESTS, None)
         if request.method == "GET" and "websocket" in request.headers.get("Upgrade", "").lower():
             return None

@@ -498,10 +498,10 @@ class WebServer:
                          query: str) -> Response | None:
         """A 429 for a machine over its request rate; for another machine while the daemon is exposed, a
         401 without the token. The token in a page's link becomes a cookie, and the link loses it."""
-        peer = _peer(connection)
-        if not self.limits.allow(("http", peer)):
+        address = peer(connection)
+        if not self.limits.allow(("http", address)):
             return _text_response(HTTPStatus.TOO_MANY_REQUESTS, f"over {self.limits.rate:g} requests a second\n")
-        if not self.access.needs_token(peer):
+        if not self.access.needs_token(address):
             return None
         cookie = f"sdbridge_token_{self.port}"
         from_link = urllib.parse.parse_qs(query).get("token", [None])[-1]
@@ -509,8 +509,8 @@ class WebServer:
         offered = [from_link, bearer[2].strip() if bearer[1] and not bearer[0] else None,
                    _cookies(request.headers).get(cookie)]
         if not any(self.access.token_matches(token) for token in offered):
-            if self.access.count_refusal(("http", peer)):
-                log.warning("web request from %s refused: no valid token", peer)
+            if self.access.count_refusal(("http", address)):
+                log.warning("web request from %s refused: no valid token", address)
             return _text_response(HTTPStatus.UNAUTHORIZED, "this daemon is open to the network and wants its token: "
                                   "open the link its log shows at start (http://ADDRESS:PORT/?token=...)\n")
         if from_link is not None and path in PAGE_FILES:
@@ -547,7 +547,7 @@ class WebServer:
         dropped = self.limits.report_due(key)
         if dropped:
             text = f"over {self.limits.rate:g} messages a second: {dropped} dropped"
-            self.api.report_error(f"WebSocket client {_peer(client.connection)}: {text}")
+            self.api.report_error(f"WebSocket client {peer(client.connection)}: {text}")
             await self._reply(client.connection, [error_message("rate_limited", text)])
 
     def _handle_text(self, client: _Client, message: str) -> list[dict[str, Any]]:
@@ -704,7 +704,7 @@ def refuse_foreign(request: Request) -> Response | None:
     return None
 
 
-def _peer(connection: ServerConnection) -> str:
+def peer(connection: ServerConnection) -> str:
     """The address a connection comes from ("" when the socket is already gone)."""
     address = connection.remote_address
     return str(address[0]) if address else ""

@@ -63,6 +63,12 @@ class Settings:
                                 "%APPDATA%\\sdbridge\\presets).", metavar="DIR")
     preset: str = _setting("", "A preset recalled at start; parameters given in the config file or on the command "
                            "line override its values. Empty: none.", metavar="NAME")
+    schedules_dir: str = _setting("", "Folder of keyframed schedules (/schedule/start NAME plays NAME.toml or NAME.json "
+                                  "from there); empty: the user's (~/.config/sdbridge/schedules, "
+                                  "%APPDATA%\\sdbridge\\schedules).", metavar="DIR")
+    recordings_dir: str = _setting("", "Folder of recordings and snapshots (/record/start NAME writes NAME.mp4 there, "
+                                   "/snapshot NAME writes NAME.png); empty: the user's "
+                                   "(~/.config/sdbridge/recordings, %APPDATA%\\sdbridge\\recordings).", metavar="DIR")
     instance: str = _setting("default", "Instance name; shared-memory segments are sdb_<instance>_in/_out.")
     host: str = _setting("127.0.0.1", "Address the OSC, HTTP/WebSocket and OSCQuery servers bind to: 127.0.0.1 serves "
                          "this machine only; 0.0.0.0 every network (a phone as a controller, a tablet running "
@@ -165,6 +171,10 @@ class Settings:
             object.__setattr__(self, "engine_dir", os.path.expanduser(self.engine_dir))
         if self.presets_dir:
             object.__setattr__(self, "presets_dir", os.path.expanduser(self.presets_dir))
+        if self.schedules_dir:
+            object.__setattr__(self, "schedules_dir", os.path.expanduser(self.schedules_dir))
+        if self.recordings_dir:
+            object.__setattr__(self, "recordings_dir", os.path.expanduser(self.recordings_dir))
         object.__setattr__(self, "engine_resolutions", tuple(str(r) for r in self.engine_resolutions))
         object.__setattr__(self, "controlnets", tuple(self.controlnets))
         object.__setattr__(self, "controlnet_preprocess", tuple(self.controlnet_preprocess))

@@ -23,10 +23,14 @@ from engines.stream import Stream
 
 from . import access, osc, oscquery, params, shm
 from .builds import EngineService
+from .commands import COMMANDS, Commands
 from .config import ConfigError, Settings, user_folder
 from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
 from .presets import PresetError, Presets, default_folder
+from .recorder import Recorder
+from .schedule import Schedules, ShowClock
+from .show import Show
 from .state import Snapshot, StateStore
 from .web import WebServer
 
@@ -71,6 +75,12 @@ class Daemon:
                    **self._start_preset(), **(initial or {})}
         self._check_names(params.validate(initial))
         self.store = StateStore(initial, check=self._check_output_fits)
+        self.schedules = Schedules(settings.schedules_dir or user_folder() / "schedules")  # read when asked
+        self.show = Show(self.store, self.apply, self.report_error, ShowClock())
+        self.recorder = Recorder(settings.recordings_dir or user_folder() / "recordings",
+                                 latest_frame=lambda: self.ring_out.read_latest() if self.ring_out else None,
+                                 report_error=self.report_error)
+        self.commands = Commands(self._command_handlers())
         # torch or TensorRT (refuses to start for backend = tensorrt where TensorRT cannot run)
         self.engines = EngineService(settings, lambda: self.store.snapshot().values, self._between_frames,
                                      self.device)
@@ -106,7 +116,8 @@ class Daemon:
         self.loop = RenderLoop(load_stream=self._load_stream, load_autoencoder=self._load_autoencoder,
                                store=self.store, ring_in=self.ring_in,
                                ring_out=self.ring_out, output=self.output, report_error=self.report_error,
-                               on_serving=self.engines.activate, controls=self._control_inputs(capacity))
+                               on_serving=self.engines.activate, controls=self._control_inputs(capacity),
+                               on_output=self.recorder.offer)
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="sdbridge-io", daemon=True)
         self._aio_thread.start()
@@ -122,6 +133,7 @@ class Daemon:
             self._advertiser = oscquery.Advertiser(s.instance, s.host, self.oscquery.port, self.osc_port)
             self._advertiser.start()  # in the background: probing the network takes seconds
         self.loop.start()
+        self.show.start()
         log.info("OSC control on udp://%s:%d; telemetry to udp://%s:%d", s.host, self.osc_port,
                  s.telemetry_host, s.telemetry_port)
         link = f"?token={self.access.token}" if self.access.exposed else ""
@@ -158,7 +170,7 @@ class Daemon:
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
-                               save=self.save_preset, access=self.access, limits=self.limits)
+                               save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
@@ -200,8 +212,10 @@ class Daemon:
         if self._advertiser is not None:
             self._advertiser.close()
         self.engines.stop()
+        self.show.stop()
         if self.loop is not None:
             self.loop.stop()
+        self.recorder.close()  # after the loop: no frame comes any more; the file is finished
         if self._aio is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._stop_io(), self._aio).result(5)
@@ -318,7 +332,8 @@ class Daemon:
                 entry["options"] = options[p.name]
             described.append(entry)
         return {"protocol": shm.VERSION, "instance": self.settings.instance, "osc_port": self.osc_port,
-                "controlnets": list(self.settings.controlnets), "presets": self.preset_names(), "params": described}
+                "controlnets": list(self.settings.controlnets), "presets": self.preset_names(), "params": described,
+                "commands": [command.describe() for command in COMMANDS]}
 
     def telemetry_values(self) -> dict[str, Any]:
         """Every telemetry value of PROTOCOL.md section 2 (and the extensions), by name under /sdbridge/."""
@@ -327,7 +342,10 @@ class Daemon:
             # the name as the performer gave it (a folders name such as sd15/dreamshaper_8, or the path)
             "model": self.loop.serving[0] if self.loop and self.loop.stream else self.settings.model,
             "backend": self.engines.describe(),
-            "dropped": self.dropped}
+            "dropped": self.dropped, **self.show.status()}
+        recording = self.recorder.status()
+        values.update({"recording": recording.path if recording.recording else "",
+                       "record/frames": recording.frames, "record/dropped": recording.dropped})
         if self.engines.attached is not None:
             values["refit_ms"] = float(self.engines.refit_ms)  # 0 if the engines went meanwhile
         if self.loop is not None:
@@ -347,7 +365,13 @@ class Daemon:
         return self.presets.names()
 
     def recall_changes(self, name: str) -> dict[str, Any]:
-        """The change set that recalls preset `name` over the current state (PresetError if it cannot)."""
+        """The change set that recalls preset `name` over the current state (PresetError if it cannot);
+        a recall replaces a running morph."""
+        changes = self._preset_changes(name)
+        self.show.cancel_morph()
+        return changes
+
+    def _preset_changes(self, name: str) -> dict[str, Any]:
         return self._configured_only(self.presets.recall(name, self.store.snapshot().values), f"preset {name}")
 
     def recall_preset(self, name: str) -> int:
@@ -389,12 +413,23 @@ class Daemon:
             raise ValueError("the daemon is not running")
         self.loop.controls.offer(k, frame)
 
-    def apply(self, changes: Mapping[str, Any]) -> int:
+    def apply(self, changes: Mapping[str, Any], *, only_if: Mapping[str, Any] | None = None) -> int | None:
         """Apply a change set from the network: names are checked against the models folders first,
         outside the state's lock (a folder rescan must not stall the render thread), then the state
-        store validates and applies the whole set atomically."""
+        store validates and applies the whole set atomically. With `only_if` (the show driver), only
+        while the state still holds those values: None if it no longer does."""
         self._check_names(params.validate(changes))
-        return self.store.apply(changes)
+        return self.store.apply(changes, only_if=only_if)
+
+    # ------------------------------------------------------------------ show commands (bridge/commands)
+    def run_command(self, address: str, args: list[Any]) -> Any:
+        """Run a show command from the WebSocket (OSC runs them through its own server): its result."""
+        return self.commands.run(address, args)
+
+    def _command_handlers(self) -> dict[str, Any]:
+        def check(changes: Mapping[str, Any]) -> None:  # what a morph or a schedule will set, checked now
+            self._check_names(params.validate(changes))
+        return {**self.show.handlers(self.schedules, self._preset_changes, check), **self.recorder.handlers()}
 
     def _check_names(self, changes: Mapping[str, Any]) -> None:
         """Names from the network must exist in the models folders (and never point outside them)."""

@@ -58,6 +58,19 @@ def stream_settings(snapshot: Snapshot) -> StreamSettings:
                           controls=params.controls(snapshot.values))
 
 
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One output frame as the render loop wrote it, for listeners such as the recorder. `pixels` is the
+    staging buffer, reused two frames later: a listener that keeps the frame copies it at once."""
+
+    pixels: np.ndarray  # (H, W, C) in `format`
+    frame_id: int
+    state_version: int
+    settings: StreamSettings  # what the frame was made with
+    model: str  # the model that made it
+    format: OutputFormat
+
+
 class Stats:
     """Frame counters and rates, written by the render thread and read by telemetry."""
 
@@ -104,10 +117,11 @@ class RenderLoop:
     def __init__(self, *, load_stream: LoadStream, load_autoencoder: LoadAutoencoder, store: StateStore,
                  ring_in: shm.Ring, ring_out: shm.Ring, output: OutputFormat, report_error: Callable[[str], None],
                  poll_interval: float = 0.001, on_serving: Callable[[Stream], None] | None = None,
-                 controls: ControlInputs | None = None):
+                 controls: ControlInputs | None = None, on_output: Callable[[Output], None] | None = None):
         self._load_stream = load_stream
         self._load_autoencoder = load_autoencoder
         self._on_serving = on_serving or (lambda stream: None)  # told on this thread when a stream starts serving
+        self._on_output = on_output  # told on this thread of every output written (the recorder); must not block
         self._loads = BackgroundLoad()
         self.serving: tuple[str, str] = ("", "")  # (model, vae) of the stream that serves
         self._failed: tuple[str, str] | None = None  # the last background load that failed
@@ -233,6 +247,12 @@ class RenderLoop:
         snap = self.store.snapshot()
         if stream.settings is not None and stream.settings == stream_settings(snap):
             self._shown_version = snap.version
+
+    def _tell_output(self, output: Output) -> None:
+        try:
+            self._on_output(output)
+        except Exception:  # a listener (the recorder) must never cost the show a frame
+            log.exception("on_output failed")
 
     def _serving_now(self, stream: Stream) -> None:
         try:
@@ -384,6 +404,9 @@ class RenderLoop:
         self.ring_out.write(pixels, frame_id=frame.frame_id if frame is not None else 0, flags=self.output_flags,
                             source_ns=source_ns, state_version=self._shown_version)
         self._fitted, self._trying = stream.settings, None
+        if self._on_output is not None:
+            self._tell_output(Output(pixels, frame.frame_id if frame is not None else 0, self._shown_version,
+                                     stream.settings, self.serving[0], self.output))
         # Telemetry latency: from the frame's source for a new frame; a re-render of an old frame for
         # a state change counts from the change, not from when that frame was first written.
         self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns), engine_s)

@@ -5,7 +5,9 @@ bridge/osc_codec, the encoding TouchDesigner's client shares. The server half (`
 datagram protocol) only moves bytes between a socket and the state store. One datagram is one change
 set: a bundle is applied atomically, and a refused message or bundle changes nothing. `/preset/recall NAME` becomes the preset's change set
 (merged in the bundle's order: later messages override it), and `/preset/save NAME` stores the state
-once the datagram's changes are applied; the presets themselves are the caller's.
+once the datagram's changes are applied; the presets themselves are the caller's. Show commands
+(bridge/commands: `/preset/morph`, `/record/start`, `/beat`, ...) are checked with the rest of the datagram
+and run, in order, once its changes are applied.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from . import osc_codec, params
 from .access import Access, RateLimit, is_loopback
+from .commands import COMMANDS, Commands
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +88,27 @@ class Packet(NamedTuple):
     changes: dict[str, Any]
     errors: list[str]
     saves: list[str]  # presets to save once the changes are applied
+    commands: list[tuple[str, list[Any]]]  # show commands to run then, with their checked arguments
 
 
-def read_packet(data: bytes, recall: Callable[[str], dict[str, Any]] | None = None) -> Packet:
-    """The change set of a whole datagram, the presets it saves and the errors found. `recall(name)`
-    gives a preset's change set (ValueError if it cannot); without it, /preset/recall is refused."""
+def read_packet(data: bytes, recall: Callable[[str], dict[str, Any]] | None = None,
+                commands: Commands | None = None) -> Packet:
+    """The change set of a whole datagram, the presets it saves, the show commands it runs and the errors
+    found. `recall(name)` gives a preset's change set (ValueError if it cannot); without it, /preset/recall is
+    refused; without `commands`, so are the show commands."""
     changes: dict[str, Any] = {}
     errors: list[str] = []
     saves: list[str] = []
+    actions: list[tuple[str, list[Any]]] = []
     try:
         messages = decode(data)
     except OscError as e:
-        return Packet({}, [str(e)], [])
+        return Packet({}, [str(e)], [], [])
     for address, args in messages:
         try:
-            if address in (PRESET_SAVE, PRESET_RECALL):
+            if commands is not None and address in commands:
+                actions.append((address, commands.check(address, args)))
+            elif address in (PRESET_SAVE, PRESET_RECALL):
                 _expect_one(address, args)
                 if not isinstance(args[0], str):
                     raise OscError(f"{address} takes a preset name (s), got {type(args[0]).__name__}")
@@ -111,9 +120,9 @@ def read_packet(data: bytes, recall: Callable[[str], dict[str, Any]] | None = No
                     changes.update(recall(args[0]))
             else:
                 changes.update(message_changes(address, args))
-        except ValueError as e:  # OscError, ParamError, or a preset that cannot be recalled
+        except ValueError as e:  # OscError, ParamError, CommandError, or a preset that cannot be recalled
             errors.append(str(e))
-    return Packet(changes, errors, saves)
+    return Packet(changes, errors, saves, actions)
 
 
 # ---------------------------------------------------------------------------- I/O
@@ -145,8 +154,9 @@ class OscServer(asyncio.DatagramProtocol):
 
     def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None],
                  recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None,
-                 access: Access | None = None, limits: RateLimit | None = None):
+                 access: Access | None = None, limits: RateLimit | None = None, commands: Commands | None = None):
         self._apply = apply
+        self._commands = commands
         self._on_error = on_error
         self._recall = recall
         self._save = save
@@ -156,13 +166,13 @@ class OscServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if not self._admitted(addr):
             return
-        changes, errors, saves = read_packet(data, self._recall)
+        changes, errors, saves, actions = read_packet(data, self._recall, self._commands)
         if saves and self._save is None:
             errors.append(f"{PRESET_SAVE}: presets are not available here")
         for error in errors:
             self._on_error(error)
         if errors:
-            if changes or saves:
+            if changes or saves or actions:
                 self._on_error(f"bundle from {addr[0]}:{addr[1]} refused whole: {len(errors)} bad message(s)")
             return
         try:
@@ -172,6 +182,12 @@ class OscServer(asyncio.DatagramProtocol):
                 self._save(name)
         except ValueError as e:  # a refused change set, or a preset that could not be saved
             self._on_error(str(e))
+            return
+        for address, args in actions:
+            try:
+                self._commands.run(address, args)
+            except ValueError as e:  # a preset to morph to that is not there, a recording already running...
+                self._on_error(f"{address}: {e}")
 
     def _admitted(self, addr: tuple) -> bool:
         """Is the datagram from `addr` to be read? Not from a machine outside osc_allow, nor beyond its
@@ -218,6 +234,7 @@ def describe_addresses() -> Iterable[str]:
     yield from COMPOSITE
     yield PRESET_SAVE
     yield PRESET_RECALL
+    yield from (c.address for c in COMMANDS)
     for p in params.PARAMS:
         if p.ranged:
             yield f"{NORM_PREFIX}{p.name}"

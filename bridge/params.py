@@ -205,6 +205,17 @@ PARAMS: tuple[Param, ...] = (
     Param("similarity_threshold", float, 0.0,
           "Skip an input frame whose mean absolute difference from the last rendered one is below "
           "this fraction of full scale; 0 never skips.", minimum=0.0, maximum=1.0),
+    Param("feedback", float, 0.0, "Temporal coherence, latent feedback: the fraction of the previous output's "
+          "latent blended into each new input frame's latent before it is noised (img2img). Steadies video "
+          "input; high values trail behind motion. 0 off.", minimum=0.0, maximum=0.95),
+    Param("noise_lock", float, 0.0, "Temporal coherence, noise locking: how much of the previous frame's noise "
+          "each frame keeps when the noise is new every frame (seed -1): 1 locks it, 0 draws it afresh, "
+          "between lets it drift slowly. A fixed seed's noise is already the same every frame.",
+          minimum=0.0, maximum=1.0),
+    Param("cached_attention", float, 0.0, "Temporal coherence, cached attention (StreamV2V's feature bank): "
+          "the weight with which every UNet self-attention also attends to the previous frame's keys and "
+          "values, so textures hold still on moving input. 0 off; costs extra attention work; torch "
+          "backend only.", minimum=0.0, maximum=1.0),
     Param("pause", bool, False, "1 holds the last output and stops rendering; 0 runs."),
     Param("model", str, "", "Model to switch to by its name in the models folders (loaded in the background "
           "while the current one keeps serving; a failed load keeps the current one). Setting it alone "

@@ -80,7 +80,8 @@ _PUMP_INTERVAL_S = 0.004  # how often pushes are looked for while anyone subscri
 
 class MessageError(ValueError):
     """A message the server refuses; `code` is the reply's error code (invalid_json, invalid_message,
-    unknown_type, invalid_params, invalid_preset, unknown_topic, message_too_large, invalid_frame)."""
+    unknown_type, invalid_params, invalid_preset, invalid_command, unknown_topic, message_too_large,
+    invalid_frame)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -226,6 +227,7 @@ class Api(Protocol):
     def report_error(self, message: str) -> None: ...  # counted, logged and sent on telemetry
     def recall_preset(self, name: str) -> int: ...  # raises PresetError, params.ParamError
     def save_preset(self, name: str) -> None: ...  # raises PresetError
+    def run_command(self, address: str, args: list[Any]) -> Any: ...  # bridge/commands; raises ValueError
 
 
 @dataclass
@@ -287,10 +289,10 @@ class Session:
                                    f"{MAX_ID_LENGTH} characters")
             kind = message.get("type")
             handler = {"set": self._set, "get": self._get, "subscribe": self._subscribe,
-                       "preset": self._preset}.get(kind) if isinstance(kind, str) else None  # a list is unhashable
-            if handler is None:
+                       "preset": self._preset, "command": self._command}.get(kind) if isinstance(kind, str) else None
+            if handler is None:  # (a list is unhashable: hence the isinstance)
                 raise MessageError("unknown_type", f"unknown message type {repr(kind)[:80]}; expected set, get, "
-                                   "subscribe or preset")
+                                   "subscribe, preset or command")
             return handler(message, id)
         except MessageError as e:
             return [error_message(e.code, str(e), id)]
@@ -325,6 +327,19 @@ class Session:
         except params.ParamError as e:
             raise MessageError("invalid_params", f"preset {name!r}: {e}") from None
         return [{"type": "ack", "id": id, "state_version": version, "presets": self.api.preset_names()}]
+
+    def _command(self, message: dict[str, Any], id: Any) -> list[dict[str, Any]]:
+        """{"type": "command", "command": "/preset/morph", "args": ["night", 4]}: a show command, exactly as
+        its OSC message (bridge/commands); answered with an ack carrying what it returned as "result"."""
+        address, args = message.get("command"), message.get("args", [])
+        if not isinstance(address, str) or not isinstance(args, list):
+            raise MessageError("invalid_message", "command takes \"command\": an address such as \"/record/start\" "
+                               "and \"args\": a list")
+        try:
+            result = self.api.run_command(address, args)
+        except ValueError as e:  # CommandError, or what the command's handler refused
+            raise MessageError("invalid_command", str(e)) from None
+        return [{"type": "ack", "id": id, "state_version": self.api.snapshot().version, "result": result}]
 
     def _get(self, message: dict[str, Any], id: Any) -> list[dict[str, Any]]:
         return [state_message(self.api.snapshot(), id=id)]

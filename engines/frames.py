@@ -8,6 +8,7 @@ one download. The protocol's flag bits are the caller's business: here they are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -99,6 +100,15 @@ def frame_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     # NaN and inf pixels (float frames) differ by full scale, rather than making the mean NaN or inf
     diff = torch.nan_to_num(diff, nan=full_scale, posinf=full_scale).mean()
     return float(diff) / full_scale
+
+
+def flicker(frames: Sequence[torch.Tensor | np.ndarray]) -> float:
+    """The flicker figure of a sequence of client frames (H, W, C), as docs/coherence.md reports it: the
+    mean absolute difference of consecutive frames as a fraction of full scale (frame_difference),
+    averaged over the pairs. 0 for a still sequence; fewer than two frames have none: 0."""
+    tensors = [torch.from_numpy(np.ascontiguousarray(f)) if isinstance(f, np.ndarray) else f for f in frames]
+    pairs = list(zip(tensors, tensors[1:]))
+    return sum(frame_difference(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
 
 
 class Staging:

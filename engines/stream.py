@@ -41,6 +41,18 @@ Stream batch (`stream_batch=True`): with n steps, the n frames in flight (the ne
 ones at later timesteps) are denoised in ONE UNet call per frame, StreamDiffusion's trick for
 throughput; each output then belongs to the input n-1 frames earlier (`output_tag` says which). In
 the default exact mode every frame runs all its steps before the next frame: no lag.
+
+Temporal coherence for video input (docs/coherence.md), three live settings, each off at 0 and then
+exactly the path without it. `feedback` f: in img2img the new input's clean latent becomes
+(1 - f) * clean + f * previous before it is noised, where previous is the last frame's final latent in
+exact mode and, in stream batch, the last call's estimate of the newest frame (the output shown is n-1
+frames older: feeding that back would make n interleaved chains). `noise_lock` l: with seed -1 each
+frame's noise is slerp(fresh, previous noise, l); a fixed seed's noise is locked already. `cached_attention`
+w: every UNet self-attention layer also attends to its keys and values of the previous frame
+(engines.coherence, StreamV2V's feature bank), torch UNet only. What they carry from frame to frame (the
+latent, the noise, the banked keys and values) is held by the stream and reset when the latent size,
+the step or batch layout, the autoencoder or the UNet changes; the latent and the bank travel into and
+out of `_frame` as tensors like the in-flight latents, so CUDA graphs replay them right.
 """
 from __future__ import annotations
 
@@ -55,8 +67,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import prompt_syntax
+from . import coherence, prompt_syntax
 from .bundle import ModelBundle
+from .coherence import AttentionBank
 from .frames import OutputFormat, Staging, client_pixels, model_image
 from .prompts import Conditioning, PromptEncoder
 
@@ -95,6 +108,10 @@ class StreamSettings:
     # per ControlNet k (Stream.set_controlnets): (scale, start, end), start and end as fractions of the
     # steps where it acts, as diffusers' control_guidance_start/end; a ControlNet left out: (1.0, 0.0, 1.0)
     controls: tuple[tuple[float, float, float], ...] = ()
+    # temporal coherence for video input (module docstring, docs/coherence.md); 0 turns each off
+    feedback: float = 0.0  # fraction of the previous output's latent blended into the new input's
+    noise_lock: float = 0.0  # seed -1: how much of the previous frame's noise each frame keeps (slerp)
+    cached_attention: float = 0.0  # weight of the previous frame's keys and values in self-attention
 
 
 def timesteps_for(strength: float, steps: int, mode: str, train_steps: int = 1000,
@@ -202,6 +219,9 @@ class _Plan:
     guidance: torch.Tensor  # guidance_scale and delta as 0-dim device tensors: live values a graph reads
     delta: torch.Tensor
     controls_on: tuple[bool, ...] = ()  # per ControlNet: whether it acts at any step (a scale of 0: it is skipped)
+    feedback: torch.Tensor | None = None  # settings.feedback as a 0-dim device tensor
+    noise_lock: torch.Tensor | None = None  # settings.noise_lock as a 0-dim device tensor
+    attention_weight: torch.Tensor | None = None  # settings.cached_attention as a 0-dim device tensor
 
 
 @dataclass
@@ -261,6 +281,12 @@ class Stream:
         # What runs the UNet: the torch module, or a stand-in called the same way (set_modules)
         self.unet: Callable[..., Any] = model.unet
         self.controlnets: tuple[Any, ...] = ()  # diffusers ControlNetModels, index k (set_controlnets)
+        # Temporal coherence state, carried from frame to frame (each reset when what it was made for changes):
+        self._attention: AttentionBank | None = None  # installed when cached attention is first asked for
+        self._attention_refused = False  # reported once: the UNet in use is not the torch module
+        self._previous_latent: tuple[tuple, torch.Tensor] | None = None  # (what it fits, the latent) for feedback
+        self._previous_noise: tuple[torch.Tensor, ...] | None = None  # seed -1: the last frame's noise
+        self._bank: tuple[tuple, tuple[torch.Tensor, ...]] | None = None  # (what it fits, keys and values)
 
     @property
     def prompt_tokens(self) -> int:
@@ -290,6 +316,7 @@ class Stream:
         for _ in range(2):
             self.render_pixels(pixels, output, controls=[grey] * len(self.controlnets))
         self._shown, self._transition, self._in_flight = None, None, _InFlight()
+        self._forget_frames()  # the grey frames must not feed into the first real one
         self.warm_up_s = time.perf_counter() - started
 
     def refresh(self) -> None:
@@ -306,6 +333,7 @@ class Stream:
         self._transition = None
         self._shown = None
         self._in_flight = _InFlight()
+        self._forget_frames()
 
     def set_modules(self, *, unet: Callable[..., Any] | None = None, autoencoder: Any = None,
                     controlnets: Sequence[Any] | None = None) -> None:
@@ -315,8 +343,10 @@ class Stream:
         stay; CUDA graphs recorded with the old ones are dropped."""
         if unet is not None:
             self.unet = unet
+            self._bank = None  # another UNet's features (or none, from an engine)
         if autoencoder is not None:
             self.model.autoencoder = autoencoder
+            self._previous_latent = None  # another autoencoder's latent space
         if controlnets is not None:
             if len(controlnets) != len(self.controlnets):
                 raise ValueError(f"{len(controlnets)} ControlNets for the stream's {len(self.controlnets)}")
@@ -330,6 +360,10 @@ class Stream:
         self.controlnets = tuple(controlnets)
         self._forget_graphs()
         self._plan = None
+
+    def _forget_frames(self) -> None:
+        """Drop what temporal coherence carries from earlier frames: the next frame starts afresh."""
+        self._previous_latent, self._previous_noise, self._bank = None, None, None
 
     def _forget_graphs(self) -> None:
         clear = getattr(self.graphs, "clear", None)
@@ -404,13 +438,33 @@ class Stream:
                      self._batch(steps, controls) if self.stream_batch and len(steps) > 1 else None, latent_shape,
                      self._time_ids(settings) if self.model.xl else None,
                      self._scalar(settings.guidance_scale), self._scalar(settings.delta),
-                     tuple(any(w) and self.controlnets[k] is not None for k, w in enumerate(controls)))
+                     tuple(any(w) and self.controlnets[k] is not None for k, w in enumerate(controls)),
+                     self._scalar(settings.feedback), self._scalar(settings.noise_lock),
+                     self._scalar(settings.cached_attention))
+        if settings.cached_attention > 0:
+            self._install_cached_attention()
         self._start_transition(previous, plan)
         if previous is None or (previous.steps, previous.latent_shape, previous.settings.mode) != \
                 (plan.steps, plan.latent_shape, plan.settings.mode):
             self._in_flight = _InFlight()  # in-flight latents of another schedule or size are useless
         self._flush = len(plan.steps)
         self._plan = plan
+
+    def _install_cached_attention(self) -> None:
+        """Put the cached-attention processors into the torch UNet, the first time it is asked for; with
+        a UNet that is not the torch module (a TensorRT engine) it cannot act: said once, and the stream
+        goes on without it."""
+        if not self._attention_acts():
+            if not self._attention_refused:
+                self._attention_refused = True
+                self.report("cached_attention has no effect with this UNet backend (TensorRT engines run "
+                            "their own attention); use the torch backend for it")
+            return
+        if self._attention is None:
+            self._attention = AttentionBank(self.model.unet)
+
+    def _attention_acts(self) -> bool:
+        return self.unet is self.model.unet
 
     def _texts(self, settings: StreamSettings) -> tuple[list[tuple[str, float]], str]:
         """The prompts to encode, with their blend weights, after styles; and the negative prompt."""
@@ -614,8 +668,8 @@ class Stream:
         if plan is None:
             raise RuntimeError("Stream.prepare() must run before render()")
         look = self._current_look(plan)
-        noise = look.noise or tuple(torch.randn(plan.latent_shape, device=self.device, dtype=self.dtype)
-                                    for _ in range(max(1, len(plan.steps))))  # seed -1: fresh, uncached
+        noise = look.noise or self._fresh_noise(plan)
+        self._previous_noise = noise
         if plan.settings.mode == TXT2IMG:
             source, kind = None, _NONE
         elif source is None:
@@ -626,17 +680,29 @@ class Stream:
         start_up = batched and not flight.latents
         images = tuple(controls[k] if k < len(controls) and plan.controls_on[k] and n else None
                        for k in range(len(plan.controls_on)))
+        previous = self._previous_latent
+        feedback = (plan.settings.feedback > 0 and kind != _NONE and previous is not None
+                    and previous[0] == plan.latent_shape)
+        bank_fits = (plan.latent_shape, n, batched)
+        attention, bank = self._attention_mode(plan, bank_fits)
         shape = _Shape(kind, pixel_format, plan.settings.width, plan.settings.height, n, plan.cfg, batched, start_up,
-                       output, tuple(image is not None for image in images))
+                       output, tuple(image is not None for image in images), feedback, attention)
         negative = look.negative
         frame = _Frame(source, look.positive.embeddings, look.positive.pooled,
                        negative.embeddings if negative is not None else None,
                        negative.pooled if negative is not None else None, noise, plan.single, plan.batched,
-                       plan.guidance, plan.delta, plan.time_ids, tuple(flight.latents), tuple(flight.noises), images)
+                       plan.guidance, plan.delta, plan.time_ids, tuple(flight.latents), tuple(flight.noises), images,
+                       previous[1] if feedback else None, plan.feedback if feedback else None,
+                       plan.attention_weight if attention else None, bank)
         # Graphs for the whole per-frame call only (client pixels out, consumed before the next replay);
         # the start-up frame of a stream batch happens once per schedule: not worth a graph.
         run = self.graphs if self.graphs is not None and output is not None and not start_up else self._frame
-        out, latents, noises = run(shape, frame)
+        out, latents, noises, latent, banked = run(shape, frame)
+        # What the next frame's coherence reads. Under CUDA graphs these are the graph's output buffers:
+        # the next replay copies them into its static inputs before it overwrites them.
+        if latent is not None and kind != _NONE:
+            self._previous_latent = (plan.latent_shape, latent)
+        self._bank = (bank_fits, tuple(banked)) if attention else None
         if batched:
             tags = [tag] * (n - 1) if start_up else flight.tags
             self.output_tag = tags[-1]
@@ -645,6 +711,30 @@ class Stream:
         else:
             self.output_tag = tag
         return out
+
+    def _fresh_noise(self, plan: _Plan) -> tuple[torch.Tensor, ...]:
+        """Seed -1: new noise for each step, slerped `noise_lock` of the way back to the previous frame's
+        (1: the same noise every frame; between: a slow drift). Drawn on the device, uncached; the slerp's
+        fraction is the plan's device tensor, so no frame copies a number to the device."""
+        count, lock, before = max(1, len(plan.steps)), plan.settings.noise_lock, self._previous_noise
+        fits = before is not None and len(before) == count and before[0].shape == plan.latent_shape
+        if lock >= 1 and fits:
+            return before
+        fresh = tuple(torch.randn(plan.latent_shape, device=self.device, dtype=self.dtype) for _ in range(count))
+        if lock > 0 and fits:
+            fresh = tuple(slerp(new, old, plan.noise_lock) for new, old in zip(fresh, before))
+        return fresh
+
+    def _attention_mode(self, plan: _Plan, fits: tuple) -> tuple[str, tuple[torch.Tensor, ...]]:
+        """How the cached-attention bank acts in this frame, and the keys and values it attends to: off;
+        recording only (the first frame, or the bank was made for another latent size or batch layout);
+        or attending to the previous frame's."""
+        weight = plan.settings.cached_attention
+        if weight <= 0 or self._attention is None or not self._attention_acts() or not plan.steps:
+            return coherence.OFF, ()
+        if self._bank is None or self._bank[0] != fits:
+            return coherence.RECORD, ()
+        return (coherence.EXTEND if weight >= 1 else coherence.BLEND), self._bank[1]
 
     def _current_look(self, plan: _Plan) -> _Look:
         transition = self._transition
@@ -660,27 +750,32 @@ class Stream:
         return look
 
     # ------------------------------------------------------------------ the frame's tensor work
-    def _frame(self, shape: "_Shape", f: "_Frame") -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    def _frame(self, shape: "_Shape", f: "_Frame") -> "_Result":
         """One frame, source to output, as a pure function of the tensors in `f` given `shape`: nothing
         here reads the plan or the settings, so a CUDA graph of it replays right with new values.
-        Returns the output and (stream batch) the latents and noises now in flight."""
+        Returns the output, (stream batch) the latents and noises now in flight, and what temporal
+        coherence carries to the next frame."""
         image = f.source
         if shape.source == _PIXELS:
             bgr, bottom_left = shape.pixel_format
             image = model_image(image, bgr=bgr, bottom_left=bottom_left, width=shape.width, height=shape.height,
                                 dtype=self.dtype)
         clean = None if image is None else self.model.autoencoder.encode(image)
+        if shape.feedback:  # latent feedback: (1 - f) * clean + f * previous
+            clean = torch.lerp(clean, f.previous_latent.to(clean.dtype), f.feedback.to(clean.dtype))
         flight: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ())
-        if shape.steps == 0:  # strength 0: the input through the autoencoder
-            latents = clean
-        elif shape.batched:
-            latents, flight = self._denoise_in_flight(clean, f, shape)
-        else:
-            latents = self._denoise_frame(clean, f, shape)
+        with self._attention.frame(shape.attention, f.attention_weight, f.bank) if shape.attention \
+                else contextlib.nullcontext([]) as banked:
+            if shape.steps == 0:  # strength 0: the input through the autoencoder
+                latents = previous = clean
+            elif shape.batched:
+                latents, flight, previous = self._denoise_in_flight(clean, f, shape)
+            else:
+                latents = previous = self._denoise_frame(clean, f, shape)
         out = (self.model.autoencoder.decode(latents) / 2 + 0.5).clamp(0, 1)
         if shape.output is not None:
             out = client_pixels(out, shape.output)
-        return out, *flight
+        return _Result(out, *flight, previous, tuple(banked))
 
     @staticmethod
     def _noised(clean: torch.Tensor | None, noise: torch.Tensor, step: _Batch) -> torch.Tensor:
@@ -703,9 +798,13 @@ class Stream:
         return latents
 
     def _denoise_in_flight(self, clean: torch.Tensor | None, f: "_Frame", shape: "_Shape"
-                           ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+                           ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]],
+                                      torch.Tensor]:
         """Stream batch: the new frame at the first step and the older frames at their later steps, in
-        one UNet call; returns the oldest frame, now fully denoised, and the frames still in flight."""
+        one UNet call; returns the oldest frame, now fully denoised, the frames still in flight, and the
+        newest frame's estimate (what latent feedback blends into the next input: the output shown is
+        n-1 frames older, and feeding that back would make n interleaved chains that flicker against
+        each other)."""
         n = shape.steps
         new = self._noised(clean, f.noise[0], f.single[0])
         flight_latents, flight_noises = f.flight_latents, f.flight_noises
@@ -721,7 +820,7 @@ class Stream:
         latents = tuple(self._noised(denoised[j:j + 1], f.noise[j + 1], f.single[j + 1]) for j in range(n - 1))
         # copies: in a CUDA graph f.noise is a static buffer that the next frame overwrites
         noises = tuple(noise.clone() for noise in f.noise[1:n])
-        return denoised[n - 1:n], (latents, noises)
+        return denoised[n - 1:n], (latents, noises), denoised[0:1]
 
     def _denoise(self, latents: torch.Tensor, steps: _Batch, injected: list[torch.Tensor], f: "_Frame",
                  shape: "_Shape", *, first: bool, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -744,8 +843,10 @@ class Stream:
         added = None
         if f.time_ids is not None:
             added = {"text_embeds": pooled, "time_ids": f.time_ids.expand(model_input.shape[0], -1)}
-        down, mid = self._control(model_input, times, embeds, added, steps, f, shape,
-                                  negatives=(b if cfg == "full" else 1) if run_negative else 0)
+        negatives = (b if cfg == "full" else 1) if run_negative else 0
+        down, mid = self._control(model_input, times, embeds, added, steps, f, shape, negatives=negatives)
+        if shape.attention:
+            self._attention.call(negatives)
         out = self.unet(model_input, times, encoder_hidden_states=embeds, added_cond_kwargs=added,
                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         sqrt_alpha, sqrt_beta = steps.sqrt_alpha, steps.sqrt_beta
@@ -828,6 +929,8 @@ class _Shape:
     start_up: bool  # stream batch: nothing in flight yet
     output: OutputFormat | None  # None: the model image in [0, 1]
     controls: tuple[bool, ...] = ()  # per ControlNet: whether it acts in this frame
+    feedback: bool = False  # latent feedback blends the previous latent into this frame's
+    attention: str = ""  # the cached-attention bank's mode (engines.coherence; "": off)
 
 
 class _Frame(NamedTuple):
@@ -847,6 +950,20 @@ class _Frame(NamedTuple):
     flight_latents: tuple[torch.Tensor, ...]
     flight_noises: tuple[torch.Tensor, ...]
     controls: tuple[torch.Tensor | None, ...] = ()  # per ControlNet: its control image, (1, 3, H, W) in [0, 1]
+    previous_latent: torch.Tensor | None = None  # latent feedback: the previous frame's latent (1, C, h, w)
+    feedback: torch.Tensor | None = None  # latent feedback: its fraction, 0-dim
+    attention_weight: torch.Tensor | None = None  # cached attention: its weight, 0-dim
+    bank: tuple[torch.Tensor, ...] = ()  # cached attention: the previous frame's keys and values
+
+
+class _Result(NamedTuple):
+    """What one frame's tensor work returns: the output, and what the next frame reads."""
+
+    out: torch.Tensor
+    flight_latents: tuple[torch.Tensor, ...]  # stream batch: the latents now in flight
+    flight_noises: tuple[torch.Tensor, ...]
+    latent: torch.Tensor | None  # latent feedback's `previous` for the next frame (None: txt2img at strength 0)
+    bank: tuple[torch.Tensor, ...]  # cached attention: this frame's keys and values (empty when off)
 
 
 def _to_epsilon(out: torch.Tensor, latents: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_beta: torch.Tensor,

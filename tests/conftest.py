@@ -75,6 +75,18 @@ def gradient(width: int = 128, height: int = 128, shift: int = 0) -> np.ndarray:
     return np.stack([(x * 2 + shift) % 256, (y * 2) % 256, ((x + y) // 2) % 256], -1).astype(np.uint8)
 
 
+def record_frames(stream) -> list:
+    """Route `stream`'s frames through a recorder, still run eagerly: the (shape, inputs) of each frame,
+    what a CUDA graph would capture and replay."""
+    recorded = []
+
+    def record(shape, frame):
+        recorded.append((shape, frame))
+        return stream._frame(shape, frame)
+    stream.graphs = record
+    return recorded
+
+
 def wait(condition, timeout: float = 30.0, interval: float = 0.02):
     """Poll `condition` until it returns something true, and return that; TimeoutError after `timeout`."""
     end = time.monotonic() + timeout
@@ -137,11 +149,13 @@ class DaemonProcess:
         self.telemetry = TelemetryListener(free_udp_port()) if telemetry_port is None else None
         telemetry_port = telemetry_port or self.telemetry.sock.getsockname()[1]
         self.name_in, self.name_out = shm.segment_names(self.instance)
+        self.folder = Path(tempfile.gettempdir()) / f"sdbridge-test-{self.instance}"  # its presets, schedules, recordings
         self.argv = [*SDBRIDGE, "serve", "--model", "tiny", "--instance", self.instance,
                      "--osc-port", str(self.osc_port), "--telemetry-port", str(telemetry_port),
                      "--telemetry-interval", "0.2", "--width", str(width), "--height", str(height),
                      "--http-port", str(self.http_port), "--oscquery-port", str(self.oscquery_port), "--no-mdns",
-                     "--presets-dir", str(Path(tempfile.gettempdir()) / f"sdbridge-test-presets-{self.instance}"), *extra]
+                     "--presets-dir", str(self.folder / "presets"), "--schedules-dir", str(self.folder / "schedules"),
+                     "--recordings-dir", str(self.folder / "recordings"), *extra]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdbridge-test-{self.instance}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,

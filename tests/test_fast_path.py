@@ -19,6 +19,8 @@ from engines.backends.torch_backend import FrameGraphs, TorchOptions, accelerate
 from engines.frames import OutputFormat, Staging
 from engines.stream import Stream, StreamSettings
 
+from .conftest import record_frames
+
 CPU, F32 = torch.device("cpu"), torch.float32
 BASE = StreamSettings(prompt="a red fox", seed=1, strength=0.6, steps=2, width=64, height=64)
 RGBA = OutputFormat()
@@ -83,12 +85,7 @@ def test_the_frame_reads_nothing_but_its_inputs(model):
     """A CUDA graph freezes whatever the frame reads from outside its inputs; so: record one frame's
     inputs, change every live setting, and the same inputs must still give the same frame."""
     stream = Stream(model, CPU, F32)
-    recorded = []
-
-    def record(shape, frame):
-        recorded.append((shape, frame))
-        return stream._frame(shape, frame)
-    stream.graphs = record
+    recorded = record_frames(stream)
     settings = dataclasses.replace(settings_after(4), transition_frames=0)
     stream.prepare(settings)
     pixels = frames(1, 1)[0]

@@ -45,8 +45,12 @@ from hypothesis import strategies as st
 from pythonosc.osc_packet import OscPacket
 from websockets.sync.client import connect
 
-from bridge import osc, osc_codec, params, shm, web
+from bridge import commands, osc, osc_codec, params, shm, web
+from bridge.commands import Commands
 from bridge.presets import NOT_SAVED, Presets
+from bridge.recorder import Recorder
+from bridge.schedule import Schedules, ShowClock
+from bridge.show import Show
 from bridge.state import StateStore
 from engines.frames import MAX_INPUT_SIDE
 
@@ -54,7 +58,7 @@ from .conftest import gradient, wait
 from .fuzz import CORPUS, EXAMPLES, TARGETS, campaign, corpus, corpus_files, fuzz_settings, mutate
 
 ERROR_CODES = {"invalid_json", "invalid_message", "unknown_type", "invalid_params", "invalid_preset",
-               "unknown_topic", "message_too_large", "invalid_frame"}
+               "invalid_command", "unknown_topic", "message_too_large", "invalid_frame"}
 FRAME_BYTES = 64 * 64 * 4 * 4  # the frame message limit of these tests: small, so that oversized is reachable
 CONTROLNETS = 1
 TOKENS = {"osc": mutate.OSC_TOKENS, "ws_text": mutate.JSON_TOKENS, "ws_binary": mutate.BINARY_TOKENS,
@@ -92,7 +96,15 @@ class Targets:
         self.store = StateStore({p.name: p.default for p in params.controlnet_params(CONTROLNETS)})
         self.presets = Presets(folder)
         self.errors = 0  # OscServer's error reports (a count: a list would grow in the memory check)
-        self.osc = osc.OscServer(self.store.apply, self._on_error, recall=self._recall, save=self._save)
+        self.refused = 0  # change sets the state refused
+        # the show commands as the daemon has them: a show driver (ticked by hand after each input) and a
+        # recorder with no frames to record
+        self.show = Show(self.store, self.store.apply, self._on_error, ShowClock())
+        self.recorder = Recorder(folder / "recordings", latest_frame=lambda: None, report_error=self._on_error)
+        self.commands = Commands({**self.show.handlers(Schedules(folder / "schedules"), self._recall, params.validate),
+                                  **self.recorder.handlers()})
+        self.osc = osc.OscServer(self._apply, self._on_error, recall=self._recall, save=self._save,
+                                 commands=self.commands)
         self.session = web.Session(self)
         self._ring = shm.Ring.create(_ring_name("t"), 64, 2)
         self.inputs = shm.NewestFrames(self._ring)
@@ -100,6 +112,7 @@ class Targets:
         self.segment = _ring_name("s")
 
     def close(self) -> None:
+        self.recorder.close()
         self._ring.close()
         self._ring.unlink()
 
@@ -116,9 +129,24 @@ class Targets:
         # What was saved reads back as it was: a preset that cannot be recalled is a look lost mid-show.
         assert self.presets.load(name) == {k: v for k, v in values.items() if k not in NOT_SAVED}, name
 
+    def _apply(self, changes: Mapping[str, Any]) -> int:
+        try:
+            return self.store.apply(changes)
+        except params.ParamError:
+            self.refused += 1
+            raise
+
+    def _tick(self) -> None:
+        """What a morph or schedule an input started does to the state: valid values only."""
+        self.show.tick()
+        assert_state_valid(self.store.snapshot().values)
+
     # ------------------------------------------------------------------ web.Api, as the daemon has it
     def apply(self, changes: Mapping[str, Any]) -> int:
         return self.store.apply(changes)
+
+    def run_command(self, address: str, args: list[Any]) -> Any:
+        return self.commands.run(address, args)
 
     def snapshot(self):
         return self.store.snapshot()
@@ -158,17 +186,18 @@ class Targets:
             osc_codec.decode(data)
         except osc_codec.OscCodecError:
             pass
-        changes, errors, saves = osc.read_packet(data, self._recall)
+        changes, errors, _, _ = osc.read_packet(data, self._recall, self.commands)
         assert all(isinstance(e, str) and e for e in errors)
         params.validate(changes)  # what it reads is validated already: this cannot refuse it
-        version, reported = self.store.version, self.errors
+        version, reported, refused = self.store.version, self.errors, self.refused
         self.osc.datagram_received(data, ("127.0.0.1", 50000))
-        if self.errors > reported:
+        if errors or self.refused > refused:
+            assert self.errors > reported
             assert self.store.version == version, "a refused datagram changed the state"
-        else:
-            assert not errors
+        else:  # (a show command that fails once the changes are in is reported; the changes stand)
             assert self.store.version == version + (1 if changes else 0)
         assert_state_valid(self.store.snapshot().values)
+        self._tick()
 
     def ws_text(self, data: bytes) -> None:
         """A text message: one or more replies, each strict JSON (what a browser can parse); an error is
@@ -193,6 +222,7 @@ class Targets:
         assert options.encoding in web.ENCODINGS.values() and 0 < options.max_fps <= web.MAX_FPS
         assert isinstance(options.quality, int) and 1 <= options.quality <= 95
         assert_state_valid(self.store.snapshot().values)
+        self._tick()
 
     def ws_binary(self, data: bytes) -> None:
         """A binary message: refused with a documented code, or a frame whose fields agree with its
@@ -438,9 +468,14 @@ def _surely_refused(data: bytes) -> bool:
         messages = osc.decode(data)
     except osc.OscError:
         return True
-    if any(address in (osc.PRESET_SAVE, osc.PRESET_RECALL) for address, _ in messages):
+    if any(address in (osc.PRESET_SAVE, osc.PRESET_RECALL) or commands.lookup(address) for address, _ in messages):
         return False
     return bool(osc.read_packet(data).errors)
+
+
+def _drives_the_show(data: bytes) -> bool:
+    """May this message start a morph or a schedule: state changes that go on after it, made by no message?"""
+    return b"/schedule/s" in data or b"/preset/morph" in data or b'"command"' in data
 
 
 def _restore(d) -> None:
@@ -493,6 +528,8 @@ def test_a_daemon_fed_hostile_osc_keeps_its_state_valid_and_keeps_rendering(daem
     seeds = corpus("osc")
     datagrams = [x for x in seeds + mutate.random_mutations(seeds, 400, mutate.OSC_TOKENS, seed=2)
                  if not _names_a_model(x)]
+    driving = [x for x in datagrams if _drives_the_show(x) and not _surely_refused(x)]
+    datagrams = [x for x in datagrams if x not in driving]
     refused = [x for x in datagrams if _surely_refused(x)]
     others = [x for x in datagrams if not _surely_refused(x)]
     assert len(refused) > 100 and len(others) > 20
@@ -508,6 +545,12 @@ def test_a_daemon_fed_hostile_osc_keeps_its_state_valid_and_keeps_rendering(daem
     after_others = _send_osc(d, others, next(_SENTINEL_SEEDS))
     assert after_refused < after_others <= after_refused + len(others) + 1
     _assert_served_state_valid(_state(d))
+
+    # Morphs and schedules go on changing the state after their message, until a performer's set (the
+    # restore below) takes the parameters back.
+    assert len(driving) > 5
+    _send_osc(d, driving + [osc_codec.message("/schedule/stop")], next(_SENTINEL_SEEDS))
+    _assert_served_state_valid(_state(d))
     _assert_still_rendering(d)
 
 
@@ -516,6 +559,8 @@ def test_a_daemon_fed_hostile_websocket_messages_answers_each_and_keeps_renderin
     texts = corpus("ws_text")
     texts = [x for x in texts + mutate.random_mutations(texts, 200, mutate.JSON_TOKENS, seed=3)
              if not _names_a_model(x)]
+    driving = [x for x in texts if _drives_the_show(x)]  # answered, but the state moves after them
+    texts = [x for x in texts if x not in driving]
     frames = corpus("ws_binary")
     frames += mutate.random_mutations(frames, 200, mutate.BINARY_TOKENS, seed=4)
     d.output_after(lambda o: True, FRAME, timeout=60)
@@ -531,6 +576,12 @@ def test_a_daemon_fed_hostile_websocket_messages_answers_each_and_keeps_renderin
                 assert now == reply["state_version"] >= version, data
             else:
                 assert now == version, (data, reply)
+        assert len(driving) > 5
+        for data in driving:
+            c.send(data.decode("utf-8", "replace"))
+            reply = _reply(c)
+            assert reply["type"] in ("ack", "error"), reply
+            answers[reply["type"]] += 1
         for data in frames:
             c.send(data)
         # Frames decode off the I/O thread, the newest per stream (the others are dropped): their errors

@@ -97,13 +97,13 @@ def test_lora_addresses_name_the_lora_and_take_a_fader_too():
 def test_a_recalled_preset_is_a_change_set_merged_in_the_bundles_order():
     presets = {"calm": {"strength": 0.2, "seed": 5}}
     data = bundle(message("/seed", 1), message("/preset/recall", "calm"), message("/strength", 0.75))
-    changes, errors, saves = osc.read_packet(data, recall=lambda name: presets[name])
-    assert (changes, errors, saves) == ({"seed": 5, "strength": 0.75}, [], [])
+    changes, errors, saves, commands = osc.read_packet(data, recall=lambda name: presets[name])
+    assert (changes, errors, saves, commands) == ({"seed": 5, "strength": 0.75}, [], [], [])
 
 
 def test_preset_saves_are_listed_to_run_after_the_changes():
     packet = osc.read_packet(bundle(message("/strength", 0.25), message("/preset/save", "mine")))
-    assert packet == ({"strength": 0.25}, [], ["mine"])
+    assert packet == ({"strength": 0.25}, [], ["mine"], [])
 
 
 @pytest.mark.parametrize("args, words", [((), "takes 1 argument"), ((3,), "preset name"), (("a", "b"), "takes 1")])

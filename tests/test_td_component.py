@@ -229,6 +229,39 @@ def test_presets_save_and_recall_from_pulses_and_the_parameters_follow(component
     assert "type a preset name" in comp.par.Error.eval()
 
 
+def test_a_morph_pulse_eases_to_the_preset_and_the_parameters_follow_when_it_ends(component):
+    d, comp = component
+    comp.par.Strength, comp.par.Preset = 0.3, "morph-a"
+    comp.frame()
+    wait(lambda: client.fetch_json(d.url + "/api/state")["params"]["strength"] == pytest.approx(0.3))
+    comp.pulse("Savepreset")
+    frames_until(comp, lambda: "morph-a" in comp.par.Preset.menuNames)
+    comp.par.Strength = 0.8
+    comp.frame()
+    wait(lambda: client.fetch_json(d.url + "/api/state")["params"]["strength"] == pytest.approx(0.8))
+    comp.par.Morphseconds = 1.0
+    comp.pulse("Morphpreset")
+    wait(lambda: 0.31 < client.fetch_json(d.url + "/api/state")["params"]["strength"] < 0.79)  # on the way
+    frames_until(comp, lambda: comp.par.Strength.eval() == pytest.approx(0.3))
+
+
+def test_record_and_snapshot_pulses_write_their_files(component):
+    d, comp = component
+    recordings = d.folder / "recordings"
+    before = set(recordings.glob("*")) if recordings.exists() else set()
+    comp.feed(0, td_frame())
+    frames_until(comp, lambda: comp.op("output").pixels is not None)
+    comp.pulse("Startrecording")
+    for shift in range(1, 6):  # moving input: a frame rendered for each
+        comp.feed(0, td_frame(shift))
+        comp.frame()
+        time.sleep(0.1)
+    comp.pulse("Snapshot")
+    comp.pulse("Stoprecording")
+    frames_until(comp, lambda: {p.suffix for p in set(recordings.glob("*")) - before} == {".mp4", ".png"})
+    assert not comp.par.Error.eval()
+
+
 @pytest.mark.daemon_args("--controlnet", "tiny")
 def test_control_images_go_out_when_they_change_and_a_still_one_only_keeps_its_ring_alive(component):
     d, comp = component

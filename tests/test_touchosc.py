@@ -53,7 +53,7 @@ VALUE_ELEMENTS = ["key", "locked", "lockedDefaultCurrent", "default", "defaultPu
 # The parameters a performer plays on faders (bridge/touchosc.py says why seeds, clip_skip, width and
 # height are not among them).
 PLAYED_ON_FADERS = {"strength", "guidance_scale", "delta", "steps", "similarity_threshold", "subseed_strength",
-                    "transition_frames"}
+                    "transition_frames", "feedback", "noise_lock", "cached_attention"}
 
 
 def load(data: bytes) -> ET.Element:
@@ -287,7 +287,7 @@ def test_a_long_section_continues_on_more_pages():
     assert {c.address.split("/")[3] for c in pages["controlnet 2"]} == {"3"}
     root = load(touchosc.layout(schema))
     tabs = [prop(page, "tabLabel").find("value").text for page in root.find("node/children/node/children")]
-    assert tabs == ["play", "lora", "lora 2", "lora 3", "controlnet", "controlnet 2"]
+    assert tabs == ["play", "play 2", "lora", "lora 2", "lora 3", "controlnet", "controlnet 2"]
 
 
 def test_a_lora_named_twice_gets_one_fader():
@@ -316,7 +316,7 @@ def test_the_command_writes_the_layout_for_its_loras_and_controlnets(tmp_path, c
     assert touchosc.main([str(out), "--loras", "detail, ink", "--controlnets", "1"]) == 0
     assert zlib.decompress(out.read_bytes()).decode() == \
         touchosc.layout_xml(params.schema_params(["detail", "ink"], 1))
-    assert "12 faders, 7 buttons" in capsys.readouterr().out
+    assert "15 faders, 7 buttons" in capsys.readouterr().out
 
 
 def test_the_command_refuses_more_controlnets_than_the_daemon_has(tmp_path, capsys):

@@ -324,3 +324,23 @@ def test_a_recall_comes_after_slider_moves_still_held_back_by_the_throttle(page,
     assert get_json(web_daemon, "/api/state")["params"]["strength"] == pytest.approx(saved)
     page.wait_for_function(f"Math.abs(Number(document.querySelector('[data-param=strength]').value) - {saved}) < 0.002",
                            timeout=TIMEOUT_S * 1000)
+
+
+def test_a_preset_button_morphs_over_the_seconds_set_and_record_toggles_a_recording(page, web_daemon):
+    page.fill("#preset-name", "morph target")
+    page.click("#preset-save")
+    page.wait_for_selector('[data-preset="morph target"]', timeout=TIMEOUT_S * 1000)
+    saved = get_json(web_daemon, "/api/state")["params"]["strength"]
+    other = 0.1 if saved > 0.5 else 0.9
+    control(page, "strength").fill(str(other))
+    control(page, "strength").dispatch_event("change")
+    wait_for_state(web_daemon, lambda p: p["strength"] == pytest.approx(other))
+    page.fill("#morph-seconds", "1.5")
+    page.click('[data-preset="morph target"]')
+    # eased, not jumped: a value between the two on the way
+    wait_for_state(web_daemon, lambda p: min(saved, other) + 0.01 < p["strength"] < max(saved, other) - 0.01)
+    wait_for_state(web_daemon, lambda p: p["strength"] == pytest.approx(saved))
+    page.click("#record")
+    page.wait_for_selector("#record.recording", timeout=TIMEOUT_S * 1000)  # telemetry says it records
+    page.click("#record")
+    page.wait_for_selector("#record:not(.recording)", timeout=TIMEOUT_S * 1000)

@@ -282,6 +282,10 @@ class OscSender:
     def recall_preset(self, name: str) -> None:
         self._sock.sendto(osc_codec.message("/preset/recall", name), self.target)
 
+    def command(self, address: str, *args: Any) -> None:
+        """A show command (the daemon's bridge/commands: /preset/morph, /record/start, /snapshot, ...)."""
+        self._sock.sendto(osc_codec.message(address, *args), self.target)
+
     def close(self) -> None:
         self._sock.close()
 

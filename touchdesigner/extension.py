@@ -31,6 +31,8 @@ except ImportError:  # anywhere else (the tests): the package
     from touchdesigner import client, parameters
 
 CONTROL_INPUT_OFFSET = 1  # ControlNet k is the component's input k + 1 (input 0 is the video)
+# Pulses that send a show command with no arguments (the daemon names the files).
+SHOW_COMMANDS = {"Startrecording": "/record/start", "Stoprecording": "/record/stop", "Snapshot": "/snapshot"}
 PRESET_SETTLE_S = 0.25  # a recall reaches the daemon over UDP; its state is fetched over HTTP after this
 DOWNLOADS_AFTER_A_CHANGE = 2  # numpyArray(delayed=True) hands back the previous call's download: the
 # second call after a change brings the changed image
@@ -85,6 +87,12 @@ class SdbridgeExt:
             elif name == "Recallpreset":
                 link.sender.recall_preset(self._preset_name())
                 self.fetches.start("state", link.endpoints.url("/api/state"), delay_s=PRESET_SETTLE_S)
+            elif name == "Morphpreset":
+                seconds = float(comp.par.Morphseconds.eval())
+                link.sender.command("/preset/morph", self._preset_name(), seconds)
+                self.fetches.start("state", link.endpoints.url("/api/state"), delay_s=seconds + PRESET_SETTLE_S)
+            elif name in SHOW_COMMANDS:
+                link.sender.command(SHOW_COMMANDS[name])
             elif name == "Pullstate":
                 self.fetches.start("state", link.endpoints.url("/api/state"))
             elif name == "Updatepars":

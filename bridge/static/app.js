@@ -333,13 +333,24 @@
   }
 
   /**
-   * The presets section: a button per preset recalls it (one tap on a phone), a name and Save store the
-   * whole state under that name. `send(message)` sends a preset message; the list comes from the
-   * schema and then from each preset ack.
+   * The presets section: a button per preset recalls it (one tap on a phone), or morphs to it over the
+   * seconds set (above 0); a name and Save store the whole state under that name; Record and Snapshot
+   * run the show commands of the same names. `send(message)` sends a preset or command message; the
+   * list comes from the schema and then from each preset ack.
    */
   class PresetPanel {
     constructor(send) {
       this.send = send;
+      this.seconds = h("input", {type: "number", id: "morph-seconds", min: 0, max: 600, step: 0.5, value: 0,
+        "aria-label": "Morph seconds"});
+      this.record = h("button", {type: "button", id: "record", text: "Record",
+        title: "Record the output to a video file in the daemon's recordings folder"});
+      this.record.addEventListener("click", () => this.send({type: "command",
+        command: this.recording ? "/record/stop" : "/record/start", args: []}));
+      const snapshot = h("button", {type: "button", id: "snapshot", text: "Snapshot",
+        title: "Save the frame on screen as a PNG holding every parameter"});
+      snapshot.addEventListener("click", () => this.send({type: "command", command: "/snapshot", args: []}));
+      this.recording = false;
       this.list = h("div", {class: "preset-list", id: "preset-list"});
       this.name = h("input", {type: "text", id: "preset-name", maxlength: 64, placeholder: "name",
         autocomplete: "off", "aria-label": "Preset name"});
@@ -352,14 +363,31 @@
         h("summary", {text: "Presets"}),
         h("div", {class: "section-body"}, this.list,
           h("div", {class: "field preset-save", title: "Store every parameter under this name (a TOML file in the daemon's presets folder)"},
-            this.name, save)));
+            this.name, save),
+          h("div", {class: "field preset-morph", title: "Above 0, a preset button eases to the preset over this many seconds"},
+            h("label", {for: "morph-seconds", text: "Morph over (s)"}), this.seconds),
+          h("div", {class: "field show-actions"}, this.record, snapshot)));
+    }
+
+    /** Telemetry `recording`: the file being recorded, "" when none. */
+    showRecording(path) {
+      this.recording = Boolean(path);
+      this.record.textContent = this.recording ? "Stop recording" : "Record";
+      this.record.classList.toggle("recording", this.recording);
+      this.record.title = this.recording ? `Recording to ${path}` : "Record the output to a video file in the daemon's recordings folder";
+    }
+
+    recall(name) {
+      const seconds = Number(this.seconds.value);
+      if (seconds > 0) this.send({type: "command", command: "/preset/morph", args: [name, seconds]});
+      else this.send({type: "preset", recall: name});
     }
 
     show(names) {
       this.list.replaceChildren(...names.map((name) => {
         const button = h("button", {type: "button", class: "preset", dataset: {preset: name}, text: name,
           title: `Recall ${name}`});
-        button.addEventListener("click", () => this.send({type: "preset", recall: name}));
+        button.addEventListener("click", () => this.recall(name));
         return button;
       }));
       if (!names.length) this.list.append(h("p", {class: "muted", text: "No presets yet: name the current look and save it."}));
@@ -735,6 +763,7 @@
       }
       if (typeof t.fps === "number") byId("fps").textContent = t.fps.toFixed(1);
       if (typeof t.latency_ms === "number") byId("latency").textContent = `${Math.round(t.latency_ms)} ms`;
+      if (typeof t.recording === "string") this.presets.showRecording(t.recording);
     }
 
     /** An error at the top of #errors (newest first), and on the controls it concerns: a red flash and

@@ -69,6 +69,7 @@ class Output:
     settings: StreamSettings  # what the frame was made with
     model: str  # the model that made it
     format: OutputFormat
+    vae: str = ""  # the autoencoder that decoded it (the `vae` parameter: auto, model, taesd or a name)
 
 
 class Stats:
@@ -406,7 +407,7 @@ class RenderLoop:
         self._fitted, self._trying = stream.settings, None
         if self._on_output is not None:
             self._tell_output(Output(pixels, frame.frame_id if frame is not None else 0, self._shown_version,
-                                     stream.settings, self.serving[0], self.output))
+                                     stream.settings, self.serving[0], self.output, self.serving[1]))
         # Telemetry latency: from the frame's source for a new frame; a re-render of an old frame for
         # a state change counts from the change, not from when that frame was first written.
         self.stats.record(time.monotonic_ns() - (source_ns if new_input else started_ns), engine_s)

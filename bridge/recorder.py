@@ -97,6 +97,7 @@ class SnapshotInfo:
     frame_id: int
     state_version: int
     parameters: str  # the A1111 `parameters` text
+    vae: str = ""  # the autoencoder ("" in a snapshot that does not say)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,7 @@ class _Shown:
     state_version: int
     settings: StreamSettings
     model: str
+    vae: str
 
 
 def default_folder() -> Path:
@@ -150,7 +152,7 @@ def rgb8(pixels: np.ndarray, *, bgr: bool, bottom_left: bool) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def infotext(settings: StreamSettings, model: str) -> str:
+def infotext(settings: StreamSettings, model: str, vae: str = "") -> str:
     """The frame's parameters as AUTOMATIC1111 writes them in a PNG's `parameters` chunk: the prompt,
     a `Negative prompt:` line, then one line of `Key: value` pairs separated by ", " (a value holding
     a comma, colon, quote or line break is JSON-quoted). A prompt blend is written in A1111's
@@ -169,6 +171,8 @@ def infotext(settings: StreamSettings, model: str) -> str:
         ("Size", f"{settings.width}x{settings.height}"),
         ("Model", model),
     ]
+    if vae:
+        fields.append(("VAE", vae))
     if settings.mode == IMG2IMG:
         fields.append(("Denoising strength", f"{settings.strength:g}"))
     if settings.subseed_strength > 0:
@@ -207,7 +211,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> SnapshotInfo:
     try:
         data = json.loads(text["sdbridge"])
         return SnapshotInfo(settings_from_dict(data["settings"]), str(data["model"]), int(data["frame_id"]),
-                            int(data["state_version"]), text.get("parameters", ""))
+                            int(data["state_version"]), text.get("parameters", ""), str(data.get("vae", "")))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: no sdbridge parameters in it ({e})") from None
 
@@ -376,7 +380,8 @@ class Recorder:
     def offer(self, output: Output) -> None:
         """Tell the recorder of an output just written (render thread). It copies the pixels only
         while recording, and leaves the frame out of the recording rather than wait for the writer."""
-        self._shown.append(_Shown(output.frame_id, output.state_version, output.settings, output.model))
+        self._shown.append(_Shown(output.frame_id, output.state_version, output.settings, output.model,
+                                  output.vae))
         if self._take is None:
             return
         with self._lock:
@@ -465,9 +470,9 @@ class Recorder:
         frame, shown = self._frame_on_show()
         image = Image.fromarray(rgb8(frame.pixels, bgr=frame.bgr, bottom_left=frame.bottom_left))
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", infotext(shown.settings, shown.model))
+        info.add_text("parameters", infotext(shown.settings, shown.model, shown.vae))
         info.add_text("sdbridge", json.dumps({
-            "format": SNAPSHOT_FORMAT, "model": shown.model, "frame_id": shown.frame_id,
+            "format": SNAPSHOT_FORMAT, "model": shown.model, "vae": shown.vae, "frame_id": shown.frame_id,
             "state_version": shown.state_version, "settings": dataclasses.asdict(shown.settings)}))
         path = self._reserve(candidates, "snapshot")
         try:

@@ -82,7 +82,7 @@ def show(recorder: Recorder, ring: shm.Ring, pixels: np.ndarray, fmt: OutputForm
     """What the render loop does with an output: write it to the ring, then tell the recorder."""
     ring.write(pixels, frame_id=frame_id, state_version=version,
                flags=shm.frame_flags(bgr=fmt.bgr, bottom_left=fmt.bottom_left))
-    recorder.offer(Output(pixels, frame_id, version, settings, "tiny", fmt))
+    recorder.offer(Output(pixels, frame_id, version, settings, "tiny", fmt, "taesd"))
 
 
 def decode(path) -> list[tuple[float, np.ndarray]]:
@@ -234,6 +234,7 @@ def test_a_snapshot_holds_the_parameters_as_a1111_writes_them(recorder, ring):
     assert negative == "blurry"
     assert fields["Seed"] == "1234" and fields["Steps"] == "2" and fields["Size"] == "64x64"
     assert fields["Model"] == "tiny" and fields["CFG scale"] == "1.5" and fields["Denoising strength"] == "0.6"
+    assert fields["VAE"] == "taesd"
 
 
 def test_a_snapshot_json_chunk_gives_back_every_setting_of_the_frame(recorder, ring):
@@ -244,7 +245,7 @@ def test_a_snapshot_json_chunk_gives_back_every_setting_of_the_frame(recorder, r
     show(recorder, ring, solid(10), frame_id=77, version=12, settings=settings)
     info = read_snapshot(recorder.snapshot())
     assert info.settings == settings
-    assert (info.model, info.frame_id, info.state_version) == ("tiny", 77, 12)
+    assert (info.model, info.vae, info.frame_id, info.state_version) == ("tiny", "taesd", 77, 12)
     _, _, fields = a1111_parameters(info.parameters)
     assert info.parameters.startswith("a city :0.7 AND rain: heavy :0.3 <lora:grain:0.5>")
     assert (fields["Seed"], fields["Variation seed"], fields["Steps"]) == ("3", "5", "2")

@@ -159,6 +159,7 @@ def test_a_snapshot_is_a_png_that_holds_the_frames_parameters(d):
     assert image.size == (128, 128)
     text = image.text["parameters"]
     assert text.startswith("a lighthouse in fog\n") and "Seed: 4242" in text and "Size: 128x128" in text
-    assert json.loads(image.text["sdbridge"])["settings"]["strength"] == 0.6
+    data = json.loads(image.text["sdbridge"])
+    assert data["settings"]["strength"] == 0.6 and (data["model"], data["vae"]) == ("tiny", _state(d)["vae"])
     out = d.ring_out.read_latest()
     assert np.array_equal(np.asarray(image.convert("RGBA")), out.pixels)  # the frame on screen

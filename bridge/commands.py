@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 MAX_TEXT = 65536  # /schedule/set carries a whole schedule file
+MAX_NUMBER = 2.0 ** 53  # larger is no frame, beat, tempo or time a show has (and past 2**1024 no float)
 
 
 class CommandError(ValueError):
@@ -60,8 +61,11 @@ def _coerce(address: str, arg: Arg, value: Any) -> Any:
             raise CommandError(f"{address}: {arg.name} is a string of at most {MAX_TEXT} characters, got "
                                f"{type(value).__name__}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CommandError(f"{address}: {arg.name} is a finite number, got {str(value)[:40]!r}")
+    # (an int past a float's range, from JSON, is refused here rather than overflowing in isfinite)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_NUMBER \
+            or not math.isfinite(value):
+        raise CommandError(f"{address}: {arg.name} is a finite number (at most 2^53 in size), got "
+                           f"{str(value)[:40]!r}")
     if arg.kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise CommandError(f"{address}: {arg.name} is a whole number, got {value}")

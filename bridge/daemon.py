@@ -170,7 +170,7 @@ class Daemon:
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
-                               save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
+                               recalled=self.recalled, save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
@@ -365,18 +365,19 @@ class Daemon:
         return self.presets.names()
 
     def recall_changes(self, name: str) -> dict[str, Any]:
-        """The change set that recalls preset `name` over the current state (PresetError if it cannot);
-        a recall replaces a running morph."""
-        changes = self._preset_changes(name)
-        self.show.cancel_morph()
-        return changes
-
-    def _preset_changes(self, name: str) -> dict[str, Any]:
+        """The change set that recalls preset `name` over the current state (PresetError if it cannot).
+        Once it is applied, `recalled` ends a running morph."""
         return self._configured_only(self.presets.recall(name, self.store.snapshot().values), f"preset {name}")
+
+    def recalled(self) -> None:
+        """A recall was applied: it replaces a running morph (which stops where the recall put the look)."""
+        self.show.cancel_morph()
 
     def recall_preset(self, name: str) -> int:
         """Recall preset `name` as one change set; the new state version (PresetError, ParamError)."""
-        return self.apply(self.recall_changes(name))
+        version = self.apply(self.recall_changes(name))
+        self.recalled()
+        return version
 
     def save_preset(self, name: str) -> None:
         """Store the current state as preset `name` (PresetError if it cannot be written)."""
@@ -429,7 +430,7 @@ class Daemon:
     def _command_handlers(self) -> dict[str, Any]:
         def check(changes: Mapping[str, Any]) -> None:  # what a morph or a schedule will set, checked now
             self._check_names(params.validate(changes))
-        return {**self.show.handlers(self.schedules, self._preset_changes, check), **self.recorder.handlers()}
+        return {**self.show.handlers(self.schedules, self.recall_changes, check), **self.recorder.handlers()}
 
     def _check_names(self, changes: Mapping[str, Any]) -> None:
         """Names from the network must exist in the models folders (and never point outside them)."""

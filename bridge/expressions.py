@@ -338,7 +338,9 @@ class _Compiler:
             try:
                 number = float(value)
             except OverflowError:
-                raise _Refused("a number too large to compute", node) from None
+                number = math.inf
+            if not math.isfinite(number):  # 1e999 reads as infinity
+                raise _Refused("a number too large to compute", node)
             return (lambda variables: number), number
         if isinstance(node, ast.Name):
             if node.id in CONSTANTS:

@@ -150,15 +150,18 @@ class Telemetry:
 
 class OscServer(asyncio.DatagramProtocol):
     """Feeds each datagram's change set to `apply`; reports refusals through `on_error`. `recall(name)`
-    and `save(name)` are the presets' (ValueError when they cannot); without them presets are refused."""
+    and `save(name)` are the presets' (ValueError when they cannot); without them presets are refused.
+    `recalled()` is told once a datagram that recalled a preset has been applied."""
 
     def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None],
                  recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None,
-                 access: Access | None = None, limits: RateLimit | None = None, commands: Commands | None = None):
+                 access: Access | None = None, limits: RateLimit | None = None, commands: Commands | None = None,
+                 recalled: Callable[[], None] = lambda: None):
         self._apply = apply
         self._commands = commands
         self._on_error = on_error
         self._recall = recall
+        self._recalled = recalled
         self._save = save
         self._access = access  # None: every source may play (tests of the pure handling)
         self._limits = limits
@@ -166,7 +169,12 @@ class OscServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if not self._admitted(addr):
             return
-        changes, errors, saves, actions = read_packet(data, self._recall, self._commands)
+        recalls: list[str] = []
+
+        def recall(name: str) -> dict[str, Any]:
+            recalls.append(name)
+            return self._recall(name)
+        changes, errors, saves, actions = read_packet(data, recall if self._recall else None, self._commands)
         if saves and self._save is None:
             errors.append(f"{PRESET_SAVE}: presets are not available here")
         for error in errors:
@@ -178,6 +186,8 @@ class OscServer(asyncio.DatagramProtocol):
         try:
             if changes:
                 self._apply(changes)
+            if recalls:
+                self._recalled()
             for name in saves:
                 self._save(name)
         except ValueError as e:  # a refused change set, or a preset that could not be saved

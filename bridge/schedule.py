@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from . import params
 from .expressions import (ExpressionError, Expression, Keyframe, Keyframes, looks_like_keyframes, parse_keyframes,
@@ -49,6 +49,9 @@ TAP_GAP_S = 2.0  # a tap later than this after the previous one starts a new tap
 TAP_HISTORY = 8  # taps the tempo is averaged over
 TAP_TOLERANCE = 0.2  # taps are regular when every interval is within 20% of their median
 MAX_TEXT = 1_000_000  # characters of a schedule file or message
+# keyframes of a whole schedule: far beyond a show's, and it parses in about 0.2 s at most (on the network
+# thread, where a start is checked and answered)
+MAX_SCHEDULE_KEYFRAMES = 1000
 SUFFIXES = (".toml", ".json")
 KEYS = ("unit", "length", "fps", "bpm", "prompt_blend", "prompts", "params", "description")
 
@@ -106,6 +109,7 @@ class ShowClock:
         self._bpm = _number("bpm", bpm, *BPM_RANGE)
         self._fps = _number("fps", fps, *FPS_RANGE)
         self._bpm_given = False  # a /bpm came: taps only snap the phase from then on
+        self._tempo_told = False  # a client set the tempo (/bpm or taps): a schedule's own bpm does not replace it
         self._taps: list[float] = []
         self._beats_at: float | None = None  # when the last beat position arrived
         self._frames_at: float | None = None  # when the last client frame arrived
@@ -152,13 +156,14 @@ class ShowClock:
     # ------------------------------------------------------------------ setting
     def restart(self, fps: float | None = None, bpm: float | None = None) -> None:
         """A schedule starts: seconds count from 0 again, and so do the beat and the frame unless a client
-        is sending them. `fps` and `bpm` (a schedule's own) replace the clock's when given."""
+        is sending them. `fps` and `bpm` (a schedule's own) replace the clock's when given; a tempo a client
+        set (/bpm, taps) stays."""
         fps = None if fps is None else _number("fps", fps, *FPS_RANGE)
         bpm = None if bpm is None else _number("bpm", bpm, *BPM_RANGE)
         with self._lock:
             now = self._now_s()
             self._origin = now
-            if bpm is not None:
+            if bpm is not None and not self._tempo_told:
                 self._beat_anchor, self._bpm = (self._beat_at(now), now), bpm
             if fps is not None:
                 self._frame_anchor, self._fps = (self._frame_at(now), now), fps
@@ -175,7 +180,7 @@ class ShowClock:
             now = self._now_s()
             self._beat_anchor = (self._beat_at(now), now)
             self._bpm = bpm
-            self._bpm_given = True
+            self._bpm_given = self._tempo_told = True
 
     def set_fps(self, fps: float) -> None:
         """Frames count on at `fps` from the current frame on (a schedule's `fps`)."""
@@ -216,6 +221,7 @@ class ShowClock:
         if BPM_RANGE[0] <= bpm <= BPM_RANGE[1]:
             # the snap that follows re-anchors the beat, so the new tempo takes effect from this tap
             self._bpm = bpm
+            self._tempo_told = True
 
     def set_frame(self, frame: float) -> None:
         """OSC /frame: the client's frame number is `frame` now; between messages it counts on at fps."""
@@ -361,6 +367,9 @@ class Schedule:
         if not isinstance(description, str):
             raise ScheduleError("description: expected text")
 
+        count = sum(_keyframe_count(v) for v in (data.get("prompts", {}), *_values(data.get("params"))))
+        if count > MAX_SCHEDULE_KEYFRAMES:
+            raise ScheduleError(f"about {count} keyframes; a schedule holds at most {MAX_SCHEDULE_KEYFRAMES}")
         prompts = None
         if "prompts" in data:
             prompts = _text_track("prompts", params.BY_NAME["prompt"], data["prompts"], length)
@@ -383,6 +392,15 @@ class Schedule:
         if self.length is not None:
             position %= self.length
         return position
+
+    def text_keyframes(self) -> Iterator[dict[str, str]]:
+        """A change set {name: text} for every text keyframe (prompts included), to check before the
+        schedule starts what the state would refuse when it comes (a style that is not there)."""
+        tracks = (*self._texts, *((self._prompts,) if self._prompts is not None else ()))
+        for track in tracks:
+            name = "prompt" if track is self._prompts else track.name
+            for text in dict.fromkeys(track.texts):
+                yield {name: text}
 
     def at(self, time: ShowTime) -> ScheduleValues:
         """The change set for `time`, every value valid for its parameter, and the errors of the
@@ -407,6 +425,19 @@ class Schedule:
 
     def __repr__(self) -> str:
         return f"Schedule(unit={self.unit!r}, length={self.length}, keys={sorted(self.keys)})"
+
+
+def _values(table: Any) -> tuple[Any, ...]:
+    return tuple(table.values()) if isinstance(table, Mapping) else ()
+
+
+def _keyframe_count(value: Any) -> int:
+    """How many keyframes `value` (a table, a keyframe string, a value) holds at most, before parsing it."""
+    if isinstance(value, Mapping):
+        return len(value)
+    if isinstance(value, str) and looks_like_keyframes(value):
+        return value.count(",") + 1
+    return 1
 
 
 def _keyframe_table(where: str, table: Any) -> list[tuple[float, Any]]:

@@ -60,10 +60,15 @@ class Show:
     def morph(self, name: str, target: Mapping[str, Any], seconds: float, easing: str = "smoothstep") -> None:
         """Start easing from the current state to `target` (a preset's recall change set) over `seconds`;
         replaces a running morph. MorphError (a ValueError) for a bad easing or duration."""
-        morph = Morph(self.store.snapshot().values, target, seconds, easing)
-        with self._lock:
+        with self._lock:  # no tick between the look at the start and the claim on it below
+            start = self.store.snapshot().values
+            morph = Morph(start, target, seconds, easing)
+            if self._morph is not None:  # what the old one drove and the new one does not is left alone
+                self._forget(self._morph.keys, self._schedule)
             self._morph, self._morph_started, self._morph_name = morph, self._now(), name
             self._released -= set(morph.keys)
+            # it starts from these values: one the performer changes before its first step is let go
+            self._driven.update({k: start.get(k) for k in morph.keys})
         log.info("morphing to preset %s over %.2f s (%s)", name, seconds, easing)
         self._wake.set()
 
@@ -77,6 +82,8 @@ class Show:
     def start_schedule(self, name: str, schedule: Schedule) -> None:
         """Play `schedule` from time 0 on the show clock; replaces a running one."""
         with self._lock:
+            if self._schedule is not None:
+                self._forget(self._schedule.keys, self._morph)
             self._schedule, self._schedule_name = schedule, name
             self._released -= set(schedule.keys)
             self._reported.clear()
@@ -114,7 +121,9 @@ class Show:
             return {"preset": name, "seconds": seconds}
 
         def play(name: str, schedule: Schedule) -> dict[str, Any]:
-            check(schedule.at(self.clock.now()).values)
+            check(schedule.at(self.clock.now()).values)  # the numbers (LoRA names) and the texts of now
+            for changes in schedule.text_keyframes():  # and every text to come (a style that is not there)
+                check(changes)
             self.start_schedule(name, schedule)
             return {"schedule": name}
         clock = self.clock
@@ -151,10 +160,13 @@ class Show:
         while not self._stop.is_set():
             try:
                 active = self.tick()
-            except Exception as e:  # nothing the show asks for may end the driver
+            except Exception as e:  # nothing the show asks for may end the driver, nor fail 60 times a second
                 log.exception("show tick failed")
-                self.report_error(f"show: {type(e).__name__}: {e}")
-                active = True
+                with self._lock:
+                    self._morph, self._schedule, self._schedule_name = None, None, ""
+                    self._driven.clear()
+                self.report_error(f"show: {type(e).__name__}: {e}; morph and schedule stopped")
+                active = False
             if active:
                 self._stop.wait(self.interval)
             else:  # nothing to drive: sleep until a morph or a schedule starts
@@ -214,16 +226,23 @@ class Show:
         if not changes:
             return
         try:
-            self._apply_driven(changes)
-        except ValueError:  # a preset's model that cannot be found, a size that does not fit: find which
+            self._apply_driven(changes, current)
+        except Exception:  # a preset's model that cannot be found, a size that does not fit: find which
             for name, value in changes.items():
                 try:
-                    self._apply_driven({name: value})
-                except ValueError as e:
-                    self._released.add(name)  # not tried again every tick
+                    self._apply_driven({name: value}, current)
+                except Exception as e:  # a folder that cannot be read, too: never retried every tick
+                    for each in linked(name):
+                        self._released.add(each)
+                        self._driven.pop(each, None)
                     self.report_error(f"show: {name} left where it is: {e}")
 
-    def _apply_driven(self, changes: Mapping[str, Any]) -> None:
-        only_if = {k: self._driven[k] for k in changes if k in self._driven}
-        if self._apply(changes, only_if=only_if) is not None:
-            self._driven.update(changes)
+    def _apply_driven(self, changes: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+        """Apply `changes` unless the state moved since `current` was read, in any parameter they set or
+        clear (a `seed` clears `seeds`). Either way the driver watches those parameters from now on: a
+        change someone made meanwhile is found by the next tick's _let_go, and the performer wins."""
+        seen = {k: current.get(k) for k in params.validate(changes)}
+        if self._apply(changes, only_if=seen) is None:
+            self._driven.update(seen)
+        else:
+            self._driven.update(params.validate(changes))

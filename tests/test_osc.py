@@ -120,3 +120,23 @@ def test_a_preset_that_cannot_be_recalled_refuses_the_datagram():
     packet = osc.read_packet(bundle(message("/seed", 1), message("/preset/recall", "nope")), recall=recall)
     assert packet.errors == ["preset 'nope' not found"]
     assert "not available" in osc.read_packet(message("/preset/recall", "x").dgram).errors[0]
+
+
+def test_the_server_says_a_recall_happened_only_once_it_is_applied():
+    applied, recalled, errors = [], [], []
+    server = osc.OscServer(apply=applied.append, on_error=errors.append, recall=lambda name: {"strength": 0.2},
+                           recalled=lambda: recalled.append(len(applied)))
+    server.datagram_received(bundle(message("/preset/recall", "calm"), message("/strength", 5.0)), ("127.0.0.1", 1))
+    assert (applied, recalled) == ([], [])  # refused whole: a running morph must go on
+    server.datagram_received(message("/preset/recall", "calm").dgram, ("127.0.0.1", 1))
+    assert (applied, recalled) == ([{"strength": 0.2}], [1])  # told after the apply
+    server.datagram_received(message("/strength", 0.5).dgram, ("127.0.0.1", 1))
+    assert recalled == [1]
+
+
+def test_a_command_number_past_a_floats_range_is_refused_not_raised():
+    from bridge.commands import CommandError, lookup
+    for value in (10 ** 400, -10 ** 400, 2 ** 60, float("nan")):
+        with pytest.raises(CommandError, match="finite number"):
+            lookup("/frame").check([value])
+    assert lookup("/frame").check([2 ** 40]) == [2 ** 40]

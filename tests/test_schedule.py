@@ -168,6 +168,20 @@ def test_a_restart_takes_a_schedules_fps_and_bpm():
     assert clock.now() == ShowTime(seconds=2.0, beat=3.0, frame=48.0, bpm=90.0)
 
 
+@pytest.mark.parametrize("tapped", [False, True])
+def test_a_tempo_a_client_set_outlasts_a_schedules_own_bpm(tapped):
+    now = Clock()
+    clock = ShowClock(now_s=now)
+    if tapped:
+        for _ in range(4):  # 0.5 s apart: 120 bpm
+            clock.beat()
+            now.now += 0.5
+    else:
+        clock.set_bpm(128.0)
+    clock.restart(bpm=90.0)
+    assert clock.now().bpm == (120.0 if tapped else 128.0)
+
+
 @pytest.mark.parametrize("call", [
     lambda c: c.set_bpm(0.0), lambda c: c.set_bpm(math.nan), lambda c: c.set_bpm(5000.0),
     lambda c: c.beat(math.inf), lambda c: c.beat("one"), lambda c: c.set_frame(math.inf),
@@ -392,3 +406,21 @@ def test_a_link_leading_outside_the_folder_is_refused(tmp_path):
         pytest.skip("symbolic links not permitted")
     with pytest.raises(ScheduleError, match="leads outside"):
         Schedules(tmp_path / "schedules").load("evil")
+
+
+def test_a_schedule_of_more_than_a_thousand_keyframes_is_refused_before_it_is_parsed():
+    table = {str(i): "0.5 + 0.1*sin(t)" for i in range(600)}
+    Schedule.from_mapping({"params": {"strength": table}})
+    with pytest.raises(ScheduleError, match="at most 1000"):
+        Schedule.from_mapping({"params": {"strength": table, "guidance_scale": table}})
+    with pytest.raises(ScheduleError, match="at most 1000"):
+        Schedule.from_mapping({"prompts": {str(i): "x" for i in range(1001)}})
+
+
+def test_every_text_keyframe_is_there_to_check_before_the_schedule_starts():
+    schedule = Schedule.from_text('[prompts]\n"0" = "a forest"\n"64" = "a city"\n"96" = "a forest"\n'
+                                  '[params.styles]\n"0" = ""\n"32" = "noir"\n')
+    changes = list(schedule.text_keyframes())
+    assert all(len(c) == 1 for c in changes)  # one at a time: each is checked as the change it will be
+    assert sorted(next(iter(c.items())) for c in changes) == [
+        ("prompt", "a city"), ("prompt", "a forest"), ("styles", ""), ("styles", "noir")]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import threading
+import time
+
+import pytest
 
 from bridge import params
 from bridge.schedule import Schedule, ShowClock
@@ -125,3 +128,102 @@ def test_the_driver_thread_morphs_in_real_time():
     finally:
         show.stop()
     assert not any(t.name == "sdbridge-show" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_schedule_started_again_drives_what_the_performer_set_while_nothing_ran():
+    store, clock = StateStore({"strength": 0.2}), Clock()
+    show = _show(store, clock)
+    wobble = Schedule.from_text('unit = "second"\n[params]\nstrength = "0.3 + 0.1*sin(t)"')
+    show.start_schedule("wobble", wobble)
+    show.tick()
+    show.start_schedule("other", Schedule.from_text("[params]\nguidance_scale = 1.5"))  # replaces it
+    show.tick()
+    show.stop_schedule()
+    store.apply({"strength": 0.9})  # while no schedule runs: nobody's to let go
+    show.start_schedule("wobble", wobble)
+    for _ in range(3):
+        clock.now += 0.3
+        show.tick()
+    assert 0.2 <= store.snapshot()["strength"] <= 0.4
+
+
+def test_a_seed_blend_set_by_hand_lets_go_of_a_scheduled_seed():
+    store, clock = StateStore({"seed": 5}), Clock()
+    show = _show(store, clock)
+    show.start_schedule("seeds", Schedule.from_text('unit = "second"\n[params]\nseed = "1000 + floor(t)"'))
+    show.tick()
+    assert store.snapshot()["seed"] == 1000
+    store.apply({"seeds": [[1, 1.0], [2, 1.0]]})  # the performer plays a seed blend
+    for _ in range(3):
+        clock.now += 1.0
+        show.tick()
+    assert store.snapshot()["seeds"] == ((1, 1.0), (2, 1.0))
+
+
+def test_a_change_made_between_the_drivers_look_and_its_write_is_never_overwritten():
+    store, clock = StateStore({"strength": 0.2}), Clock()
+
+    def apply(changes, *, only_if=None):
+        store.apply({"strength": 0.05})  # the performer's fader lands just before the driver's write
+        return store.apply(changes, only_if=only_if)
+    show = Show(store, apply, [].append, ShowClock(now_s=clock), now=clock)
+    show.morph("bright", {"strength": 0.8}, seconds=0.0)
+    for _ in range(3):
+        show.tick()
+    assert store.snapshot()["strength"] == 0.05
+
+
+def test_a_change_that_fails_other_than_by_refusal_is_let_go_and_said_once():
+    store, clock, errors = StateStore({"strength": 0.2}), Clock(), []
+
+    def apply(changes, *, only_if=None):
+        raise OSError("the models folder went away")
+    show = Show(store, apply, errors.append, ShowClock(now_s=clock), now=clock)
+    show.start_schedule("wobble", Schedule.from_text("[params]\nstrength = 0.5"))
+    for _ in range(5):
+        clock.now += 0.1
+        show.tick()
+    assert len(errors) == 1 and "strength left where it is" in errors[0]
+
+
+def test_a_tick_that_fails_stops_the_morph_and_the_schedule_and_says_so_once():
+    class Broken(StateStore):
+        def snapshot(self):
+            raise RuntimeError("broken store")
+    store, clock, errors = Broken({"strength": 0.2}), Clock(), []
+    show = Show(store, lambda changes, only_if=None: None, errors.append, ShowClock(now_s=clock), rate_hz=1000.0,
+                now=clock)
+    show.start_schedule("wobble", Schedule.from_text("[params]\nstrength = 0.5"))
+    show.start()
+    try:
+        wait(lambda: errors)
+        time.sleep(0.05)  # room for more ticks, which must not come
+    finally:
+        show.stop()
+    assert show.status()["schedule"] == ""
+    assert len(errors) == 1 and "broken store" in errors[0] and "stopped" in errors[0]
+
+
+def test_a_schedule_with_a_text_the_state_would_refuse_later_is_refused_at_its_start():
+    store, clock = StateStore({}), Clock()
+    show = _show(store, clock)
+
+    def check(changes):
+        if changes.get("styles") == "noir":
+            raise params.ParamError("style 'noir' not found")
+    handlers = show.handlers(schedules=None, preset=dict, check=check)
+    text = '[params.styles]\n"0" = ""\n"32" = "noir"\n'
+    with pytest.raises(params.ParamError, match="noir"):
+        handlers["/schedule/set"](text)
+    assert show.status()["schedule"] == ""
+
+
+def test_a_parameter_set_between_a_morphs_start_and_its_first_step_is_let_go():
+    store, clock = StateStore({"strength": 0.2, "seed": 1}), Clock()
+    show = _show(store, clock)
+    show.morph("bright", {"strength": 0.8, "seed": 2}, seconds=1.0)
+    store.apply({"seed": 99})  # before the driver's first tick
+    for _ in range(3):
+        clock.now += 0.5
+        show.tick()
+    assert (store.snapshot()["seed"], store.snapshot()["strength"]) == (99, 0.8)

@@ -81,6 +81,9 @@ class Daemon:
                                  latest_frame=lambda: self.ring_out.read_latest() if self.ring_out else None,
                                  report_error=self.report_error)
         self.commands = Commands(self._command_handlers())
+        # Show commands run here, one at a time in the order they came, off the network thread (a snapshot
+        # encodes a PNG, /record/stop waits for the file to be finished)
+        self._command_worker = concurrent.futures.ThreadPoolExecutor(1, "sdbridge-commands")
         # torch or TensorRT (refuses to start for backend = tensorrt where TensorRT cannot run)
         self.engines = EngineService(settings, lambda: self.store.snapshot().values, self._between_frames,
                                      self.device)
@@ -170,7 +173,7 @@ class Daemon:
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
-                               recalled=self.recalled, save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
+                               recalled=self.recalled, defer=self._command_worker.submit, save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:
@@ -179,7 +182,8 @@ class Daemon:
         self._transport = transport  # closed by _stop_io if what follows fails
         osc_port = transport.get_extra_info("sockname")[1]
         self.web = WebServer(self, self.ring_out, max_frame_bytes=self.ring_in.slot_capacity,
-                             telemetry_interval=s.telemetry_interval, access=self.access, limits=self.limits)
+                             telemetry_interval=s.telemetry_interval, access=self.access, limits=self.limits,
+                             commands=self._command_worker)
         await self.web.start(s.host, s.http_port)
         # OSC over the OSCQuery WebSocket (browser-based clients) is handled like a datagram
         self.oscquery = oscquery.OscQueryServer(self.schema_params, self._versioned_values, f"sdbridge {s.instance}",
@@ -215,7 +219,6 @@ class Daemon:
         self.show.stop()
         if self.loop is not None:
             self.loop.stop()
-        self.recorder.close()  # after the loop: no frame comes any more; the file is finished
         if self._aio is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._stop_io(), self._aio).result(5)
@@ -228,6 +231,8 @@ class Daemon:
                 self._aio.close()  # a stuck loop is left to die with the process: the rings go regardless
             else:
                 log.warning("the network thread did not stop within 5 s")
+        self._command_worker.shutdown(wait=True, cancel_futures=True)  # no command comes any more
+        self.recorder.close()  # after the loop and the commands: the file is finished with every frame
         for ring in (self.ring_in, self.ring_out, *self.control_rings):
             if ring is not None:
                 ring.close()

@@ -151,13 +151,17 @@ class Telemetry:
 class OscServer(asyncio.DatagramProtocol):
     """Feeds each datagram's change set to `apply`; reports refusals through `on_error`. `recall(name)`
     and `save(name)` are the presets' (ValueError when they cannot); without them presets are refused.
-    `recalled()` is told once a datagram that recalled a preset has been applied."""
+    `recalled()` is told once a datagram that recalled a preset has been applied. The show commands a
+    datagram holds run through `defer` (by default at once; the daemon hands them to a worker thread: a
+    snapshot or the end of a recording takes longer than the network thread may wait)."""
 
     def __init__(self, apply: Callable[[dict[str, Any]], int], on_error: Callable[[str], None],
                  recall: Callable[[str], dict[str, Any]] | None = None, save: Callable[[str], None] | None = None,
                  access: Access | None = None, limits: RateLimit | None = None, commands: Commands | None = None,
-                 recalled: Callable[[], None] = lambda: None):
+                 recalled: Callable[[], None] = lambda: None,
+                 defer: Callable[[Callable[[], None]], Any] = lambda run: run()):
         self._apply = apply
+        self._defer = defer
         self._commands = commands
         self._on_error = on_error
         self._recall = recall
@@ -193,11 +197,18 @@ class OscServer(asyncio.DatagramProtocol):
         except ValueError as e:  # a refused change set, or a preset that could not be saved
             self._on_error(str(e))
             return
+        if actions:
+            self._defer(lambda: self._run(actions))
+
+    def _run(self, actions: list[tuple[str, list[Any]]]) -> None:
         for address, args in actions:
             try:
                 self._commands.run(address, args)
             except ValueError as e:  # a preset to morph to that is not there, a recording already running...
                 self._on_error(f"{address}: {e}")
+            except Exception as e:  # a bug: said, and the next command still runs
+                log.exception("%s failed", address)
+                self._on_error(f"{address}: {type(e).__name__}: {e}")
 
     def _admitted(self, addr: tuple) -> bool:
         """Is the datagram from `addr` to be read? Not from a machine outside osc_allow, nor beyond its

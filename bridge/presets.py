@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from . import config, params
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}")
+# Windows opens these devices for a file of that name, whatever its suffix ("NUL.toml", "con.png")
+WINDOWS_DEVICE = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9]) *(\..*)?", re.IGNORECASE)
 SUFFIX = ".toml"
 # Not part of a look: recalling a preset saved while paused must not freeze the show.
 NOT_SAVED = ("pause",)
@@ -31,9 +33,17 @@ def default_folder() -> Path:
     return config.user_folder() / "presets"
 
 
+def is_file_name(name: Any) -> bool:
+    """Is `name` a plain file name for a folder of presets, schedules or recordings: 1 to 64 letters,
+    digits, spaces, _ - or . (not first or last), no separators, not a Windows device? A name from the
+    network never reaches outside its folder."""
+    return isinstance(name, str) and bool(NAME.fullmatch(name)) and not name.endswith(".") \
+        and not WINDOWS_DEVICE.fullmatch(name)
+
+
 def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith("."):
-        raise PresetError(f"preset name {name!r}: 1 to 64 letters, digits, spaces, _ - or . (not first or last)")
+    if not is_file_name(name):
+        raise PresetError(f"preset name {name!r}: 1 to 64 letters, digits, spaces, _ - or . (not first or last), not a device name such as CON or NUL")
     return name
 
 

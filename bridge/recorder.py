@@ -41,7 +41,7 @@ from engines.stream import IMG2IMG, StreamSettings
 
 from . import config, shm
 from .loop import Output
-from .presets import NAME
+from .presets import is_file_name
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ class _Take:
     """One recording: the reserved file, the buffers, the writer thread and its counts."""
 
     def __init__(self, path: Path, started_ns: int, buffers: int, codec: str,
-                 before_encode: Callable[[], None], failed: Callable[["_Take", str], None]):
+                 before_encode: Callable[[], None], failed: Callable[["_Take", str], None],
+                 like: np.ndarray | None = None):
         self.path = path
         self.started_ns = started_ns
         self.codec = codec
@@ -244,6 +245,9 @@ class _Take:
         self._stream: Any = None
         self._first_ns = 0
         self._last_pts = -1
+        self._first = True
+        if like is not None:  # the frame on show now: the next ones are most likely its size
+            self._make_buffers(like.shape, like.dtype)
         self.thread = threading.Thread(target=self._write_all, name=f"recorder {path.name}", daemon=True)
         self.thread.start()
 
@@ -252,10 +256,10 @@ class _Take:
         """Copy the frame in for the writer, or count it dropped; a message to report, if any."""
         self.offered += 1
         pixels = output.pixels
-        if self.shape is None:
-            self.shape, self.dtype = pixels.shape, pixels.dtype
-            for _ in range(self._buffers):
-                self._free.put(np.empty(pixels.shape, pixels.dtype))
+        if self._first:  # the take's size is its first frame's
+            self._first = False
+            if pixels.shape != self.shape or pixels.dtype != self.dtype:  # not made at the start: made now
+                self._make_buffers(pixels.shape, pixels.dtype)
         elif pixels.shape != self.shape or pixels.dtype != self.dtype:
             self.dropped += 1
             if not self._told_size:
@@ -277,6 +281,17 @@ class _Take:
         """No more frames: the writer finishes the file after those already handed in."""
         self._todo.put(None)
 
+    def _make_buffers(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """The buffers frames are copied into, written once here so that the render thread's first copies
+        into them do not pay for the memory's first touch (tens of ms for large frames)."""
+        while not self._free.empty():
+            self._free.get_nowait()
+        self.shape, self.dtype = shape, dtype
+        for _ in range(self._buffers):
+            buffer = np.empty(shape, dtype)
+            buffer.fill(0)
+            self._free.put(buffer)
+
     # -- writer thread
     def _write_all(self) -> None:
         while (item := self._todo.get()) is not None:
@@ -296,6 +311,8 @@ class _Take:
             finally:
                 self._free.put(buffer)
         self._close()
+        while not self._free.empty():  # the take is kept (for its counts) after its end; its frames are not
+            self._free.get_nowait()
 
     def _encode(self, image: np.ndarray, now_ns: int) -> None:
         height, width = image.shape[:2]
@@ -330,13 +347,17 @@ class _Take:
                         self._container.mux(packet)
                 self._container.close()
             elif not self.error:
-                self.path.unlink(missing_ok=True)  # nothing was shown while recording: no empty file left
                 self.error = "no frame was shown while recording: no file written"
         except Exception as e:
             if not self.error:
                 self.error = f"recording {self.path.name} could not be finished: {_why(e)}"
                 log.error("%s", self.error)
                 self._failed(self, self.error)
+        if not self.written:  # nothing shown, or a failure before the first frame: no empty or broken file left
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove %s: %s", self.path, e)
 
 
 def _why(e: BaseException) -> str:
@@ -375,6 +396,7 @@ class Recorder:
         self._control = threading.Lock()  # start and stop, one at a time
         self._take: _Take | None = None
         self._ended: _Take | None = None  # the last take, after it stopped or ended on its own
+        self._closed = False  # the daemon is shutting down: no new take or snapshot
 
     # -- render thread
     def offer(self, output: Output) -> None:
@@ -397,10 +419,13 @@ class Recorder:
         name or one that exists, or a folder that cannot be written."""
         codec = video_codec()
         with self._control:
+            self._refuse_if_closed()
             if self._take is not None:
                 raise RecordError(f"already recording to {self._take.path.name}: /record/stop first")
             path = self._reserve(self._names(name, VIDEO_SUFFIX, "recording"), "recording")
-            take = _Take(path, self._clock(), self._queue_frames, codec, self._before_encode, self._ended_itself)
+            on_show = self._latest_frame()  # the size the take's buffers are made for, here and not by the render thread
+            take = _Take(path, self._clock(), self._queue_frames, codec, self._before_encode, self._ended_itself,
+                         like=on_show.pixels if on_show is not None else None)
             with self._lock:
                 self._take, self._ended = take, None
         log.info("recording to %s (%s)", path, codec)
@@ -455,7 +480,9 @@ class Recorder:
                             "" if recording else take.error)
 
     def close(self) -> None:
-        """Stop a recording in progress (the daemon is shutting down)."""
+        """Stop a recording in progress and start no other (the daemon is shutting down)."""
+        with self._control:
+            self._closed = True
         if self._take is not None:
             try:
                 self.stop()
@@ -466,6 +493,7 @@ class Recorder:
         """Write the frame on show now as a PNG in the recordings folder, with its parameters (see the
         module docstring): `name` (a plain file name; .png added if it has no suffix) or a timestamped
         one. RecordError when no frame has been shown yet, for a bad name or one that exists."""
+        self._refuse_if_closed()
         candidates = self._names(name, SNAPSHOT_SUFFIX, "snapshot")
         frame, shown = self._frame_on_show()
         image = Image.fromarray(rgb8(frame.pixels, bgr=frame.bgr, bottom_left=frame.bottom_left))
@@ -485,6 +513,10 @@ class Recorder:
         return path
 
     # -- inside
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise RecordError("the daemon is shutting down")
+
     def _frame_on_show(self) -> tuple[shm.Frame, _Shown]:
         """The output ring's newest frame and what it was made with. The ring is written just before the
         recorder is told of the frame, so a frame not told of yet is read again a moment later."""
@@ -492,7 +524,8 @@ class Recorder:
             frame = self._latest_frame()
             if frame is None:
                 break
-            for shown in reversed(self._shown):
+            # a copy: the render thread appends meanwhile (deque.copy is one step for other threads)
+            for shown in reversed(self._shown.copy()):
                 if (shown.frame_id, shown.state_version) == (frame.frame_id, frame.state_version):
                     return frame, shown
             time.sleep(0.001)
@@ -505,9 +538,9 @@ class Recorder:
             stem = "sdbridge-" + datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
             candidates = [stem + suffix] + [f"{stem}-{n}{suffix}" for n in range(2, 100)]
         else:
-            if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith("."):
+            if not is_file_name(name):
                 raise RecordError(f"{what} name {name!r}: 1 to 64 letters, digits, spaces, _ - or . "
-                                  "(not first or last); no folders")
+                                  "(not first or last), not a device name such as CON or NUL; no folders")
             candidates = [name if Path(name).suffix.lower() == suffix else name + suffix]
         return candidates
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 from . import params
 from .expressions import (ExpressionError, Expression, Keyframe, Keyframes, looks_like_keyframes, parse_keyframes,
                           parse_position, round_half_away)
-from .presets import NAME
+from .presets import NAME, is_file_name
 
 try:
     import tomllib
@@ -530,9 +530,9 @@ def _param_track(name: Any, value: Any, length: float | None) -> _NumberTrack | 
 def check_name(name: Any) -> str:
     """`name` if it is a plain schedule name (as preset names: no separators, no leading dot), else
     ScheduleError: a name from the network never reaches outside the folder."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith("."):
+    if not is_file_name(name):
         raise ScheduleError(f"schedule name {str(name)[:80]!r}: 1 to 64 letters, digits, spaces, _ - or . "
-                            "(not first or last)")
+                            "(not first or last), not a device name such as CON or NUL")
     return name
 
 

@@ -27,7 +27,7 @@ import struct
 import time
 import urllib.parse
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -423,8 +423,11 @@ class WebServer:
     """The HTTP + WebSocket server of one daemon, on the daemon's asyncio loop."""
 
     def __init__(self, api: Api, output_ring: shm.Ring, *, max_frame_bytes: int, telemetry_interval: float,
-                 access: Access | None = None, limits: RateLimit | None = None):
+                 access: Access | None = None, limits: RateLimit | None = None, commands: Executor | None = None):
         self.api = api
+        # Show commands run there (the daemon's one worker, which OSC's commands share), not on the I/O
+        # thread: a snapshot's PNG or the end of a recording must not hold up every other client.
+        self.commands = commands
         self.output_ring = output_ring
         self.max_frame_bytes = max_frame_bytes
         self.telemetry_interval = telemetry_interval
@@ -546,8 +549,12 @@ class WebServer:
             async for message in connection:
                 if not self.limits.allow(key):
                     await self._over_rate(client, key)
+                elif isinstance(message, str) and self.commands is not None and '"command"' in message:
+                    # (any message may be handled there; only those that can be a command are sent)
+                    replies = await loop.run_in_executor(self.commands, client.session.handle_text, message)
+                    await self._reply(connection, self._handled(client, replies))
                 elif isinstance(message, str):
-                    await self._reply(connection, self._handle_text(client, message))
+                    await self._reply(connection, self._handled(client, client.session.handle_text(message)))
                 else:
                     client.receive_frame(message)
         except ConnectionClosed:
@@ -565,8 +572,8 @@ class WebServer:
             self.api.report_error(f"WebSocket client {peer(client.connection)}: {text}")
             await self._reply(client.connection, [error_message("rate_limited", text)])
 
-    def _handle_text(self, client: _Client, message: str) -> list[dict[str, Any]]:
-        replies = client.session.handle_text(message)
+    def _handled(self, client: _Client, replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """After a text message was handled (on this thread: the events are the loop's)."""
         if any(r["type"] == "subscribed" for r in replies):
             client.frame_seq = 0  # a new subscriber gets the newest frame at once
             if client.session.topics:

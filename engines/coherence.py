@@ -86,8 +86,8 @@ class AttentionBank:
         self.mode, self.weight, self._previous, self._cursor, self._new = mode, weight, previous, 0, []
         try:
             yield self._new
-        finally:
-            self.mode, self.weight, self._previous, self.negatives = OFF, None, (), 0
+        finally:  # the caller holds the new entries; the bank keeps nothing of the frame
+            self.mode, self.weight, self._previous, self.negatives, self._new = OFF, None, (), 0, []
 
     def call(self, negatives: int) -> None:
         """The next UNet call's batch begins with `negatives` negative-prompt entries (0: none)."""

@@ -700,8 +700,9 @@ class Stream:
         out, latents, noises, latent, banked = run(shape, frame)
         # What the next frame's coherence reads. Under CUDA graphs these are the graph's output buffers:
         # the next replay copies them into its static inputs before it overwrites them.
-        if latent is not None and kind != _NONE:
-            self._previous_latent = (plan.latent_shape, latent)
+        # A frame with no input latent (txt2img) breaks the chain: the next img2img frame starts afresh
+        # rather than from a latent shown long ago (and under CUDA graphs, another graph's buffer).
+        self._previous_latent = (plan.latent_shape, latent) if latent is not None and kind != _NONE else None
         self._bank = (bank_fits, tuple(banked)) if attention else None
         if batched:
             tags = [tag] * (n - 1) if start_up else flight.tags

@@ -196,6 +196,24 @@ def test_a_method_starts_afresh_after_a_resolution_change(model, method):
     assert all(np.array_equal(a, b) for a, b in zip(after, fresh))
 
 
+def test_feedback_starts_afresh_after_txt2img_frames(model):
+    stream = Stream(model, CPU, F32)
+    video = moving_video(4)
+    play(stream, video[:3], feedback=0.9)
+    play(stream, video[:2], feedback=0.9, mode="txt2img")
+    after = play(stream, video[3:], feedback=0.9)[0]
+    fresh = play(Stream(model, CPU, F32), video[3:], feedback=0.9)[0]
+    np.testing.assert_array_equal(after, fresh)  # not 0.9 parts the latent shown before the txt2img frames
+
+
+def test_turning_cached_attention_off_leaves_no_bank_behind(model):
+    stream = Stream(model, CPU, F32)
+    video = moving_video(4)
+    play(stream, video[:2], cached_attention=1.0)
+    play(stream, video[2:], cached_attention=0.0)
+    assert stream._bank is None and stream._attention._new == []
+
+
 @MODES
 def test_static_buffer_replays_give_the_eager_frames_with_every_method(model, stream_batch):
     """FrameGraphs without capture (no CUDA here): every frame runs on static copies of its inputs, so

@@ -51,7 +51,8 @@ def test_recalling_sets_loras_the_preset_does_not_hold_back_to_zero(presets):
     assert presets.recall("plain", _state()) == {"lora/film grain": 0.0, "strength": 0.4}
 
 
-@pytest.mark.parametrize("name", ["", "../evil", "/etc/passwd", "a/b", "a\\b", ".hidden", "dot.", "x" * 65, 3, None])
+@pytest.mark.parametrize("name", ["", "../evil", "/etc/passwd", "a/b", "a\\b", ".hidden", "dot.", "x" * 65, 3, None,
+                                  "CON", "nul.toml", "LPT1"])  # Windows opens a device for these
 def test_names_that_are_not_plain_file_names_are_refused(presets, name):
     with pytest.raises(PresetError, match="preset name"):
         presets.save(name, {})

@@ -152,6 +152,69 @@ def test_a_writer_that_fails_ends_the_recording_and_reports_it_without_touching_
         recorder.stop()
 
 
+def test_a_take_that_fails_before_its_first_frame_leaves_no_file(tmp_path, ring, errors, clock):
+    def broken():
+        raise OSError(5, "Input/output error")
+    recorder = make_recorder(tmp_path, ring, errors, clock, before_encode=broken)
+    path = recorder.start("broken")
+    show(recorder, ring, solid(10))
+    recording = recorder.stop()
+    assert recording.frames == 0 and "Input/output error" in recording.error
+    assert not path.exists()
+
+
+def test_the_buffers_are_made_at_the_start_for_the_frame_on_show_and_let_go_after_the_end(recorder, ring, clock):
+    show(recorder, ring, solid(10))  # on show before the start: the take's buffers are made for its size
+    recorder.start("sized")
+    take = recorder._take
+    assert take.shape == (64, 64, 4) and take._free.qsize() == 4  # before the render thread offers a frame
+    for level in (20, 30):
+        clock.advance(FRAME_MS)
+        show(recorder, ring, solid(level))
+    assert recorder.stop().frames == 2
+    assert take._free.empty()  # the ended take is kept for its counts, not its frames
+
+
+def test_a_take_started_before_a_size_change_records_the_new_size(recorder, ring, clock):
+    show(recorder, ring, solid(10))
+    recorder.start("resized")
+    for _ in range(2):
+        clock.advance(FRAME_MS)
+        show(recorder, ring, solid(20, 32, 48))
+    recording = recorder.stop()
+    assert (recording.frames, recording.dropped) == (2, 0)
+    assert decode(recording.path)[0][1].shape == (48, 32, 3)
+
+
+def test_snapshots_taken_while_frames_arrive_never_fail(recorder, ring):
+    show(recorder, ring, solid(10), frame_id=1)
+    stop = threading.Event()
+
+    def render():
+        frame_id = 2
+        while not stop.is_set():
+            show(recorder, ring, solid(10), frame_id=frame_id)  # the deque of shown frames turns over
+            frame_id += 1
+    thread = threading.Thread(target=render)
+    thread.start()
+    try:
+        for _ in range(200):
+            recorder._frame_on_show()  # the lookup a snapshot makes; it raised when the deque moved under it
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_after_close_nothing_new_starts(recorder, ring):
+    show(recorder, ring, solid(10))
+    recorder.close()
+    with pytest.raises(RecordError, match="shutting down"):
+        recorder.start("late")
+    with pytest.raises(RecordError, match="shutting down"):
+        recorder.snapshot("late")
+    assert not any(recorder.folder.glob("late*"))
+
+
 def test_stop_without_start_is_refused(recorder):
     with pytest.raises(RecordError, match="not recording"):
         recorder.stop()
@@ -163,7 +226,8 @@ def test_start_while_recording_is_refused(recorder):
         recorder.start("b")
 
 
-@pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "sub/escape", ".hidden", "", "x" * 65, 7])
+@pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "sub/escape", ".hidden", "", "x" * 65, 7,
+                                  "CON", "nul.mp4", "com1.png", "Aux"])  # Windows devices
 def test_names_that_could_leave_the_folder_are_refused(recorder, name):
     with pytest.raises(RecordError, match="name"):
         recorder.start(name)

@@ -173,7 +173,8 @@ class Daemon:
     async def _start_io(self) -> asyncio.DatagramTransport:
         s = self.settings
         server = osc.OscServer(apply=self.apply, on_error=self.report_error, recall=self.recall_changes,
-                               recalled=self.recalled, defer=self._command_worker.submit, save=self.save_preset, access=self.access, limits=self.limits, commands=self.commands)
+                               recalled=self.recalled, defer=self._command_worker.submit, save=self.save_preset,
+                               access=self.access, limits=self.limits, commands=self.commands)
         try:
             transport = await osc.serve(s.host, s.osc_port, server)
         except OSError as e:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -47,12 +48,17 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIX = ".mp4"
 SNAPSHOT_SUFFIX = ".png"
-# Video encoders in order of preference; the first this PyAV build can write is used. libx264 is in
-# the PyAV wheels; mpeg4 is FFmpeg's own and always there.
-VIDEO_CODECS = ("libx264", "h264", "mpeg4")
-# libx264 options: `veryfast` keeps up with 512x512 at 60 fps on one CPU core; crf 18 is visually
-# lossless, which a recording meant for editing wants.
+# Video encoders in order of preference; the first that encodes a test frame here is used. NVENC (in
+# the PyAV wheels) works where an NVIDIA driver and GPU are: the GPU's video engine encodes, which leaves
+# the CPU to the show and the CUDA cores to diffusion. libx264 is in the wheels too; mpeg4 is FFmpeg's
+# own and always there.
+VIDEO_CODECS = ("h264_nvenc", "libx264", "h264", "mpeg4")
+# libx264: `veryfast` keeps up with 512x512 at 60 fps on two CPU cores; crf 18 is visually lossless,
+# which a recording meant for editing wants. NVENC: preset p4 (its middle), constant quality 19 (about
+# crf 18's look).
 X264_OPTIONS = {"preset": "veryfast", "crf": "18"}
+CODEC_OPTIONS = {"libx264": X264_OPTIONS, "h264": X264_OPTIONS,
+                 "h264_nvenc": {"preset": "p4", "tune": "hq", "rc": "vbr", "cq": "19"}}
 TIME_BASE = Fraction(1, 1000)  # pts in milliseconds of the frames' real times (mpeg4 allows no finer than 1/65535)
 QUEUE_FRAMES = 4  # frames waiting for the writer at most: ~130 ms at 30 fps, 4 MB at 512x512 RGBA
 STOP_TIMEOUT = 5.0  # seconds stop() waits for the writer to finish the file
@@ -117,17 +123,35 @@ def default_folder() -> Path:
     return config.user_folder() / "recordings"
 
 
+@functools.lru_cache(maxsize=1)
 def video_codec() -> str:
-    """The video encoder recordings use: the first of VIDEO_CODECS that this PyAV can write."""
+    """The video encoder recordings use: the first of VIDEO_CODECS that encodes here (tried once)."""
     for name in VIDEO_CODECS:
-        if name in av.codecs_available:
-            try:
-                av.codec.Codec(name, "w")
-            except Exception:  # known by name but not built as an encoder
-                continue
+        if encodes(name):
+            log.info("recordings use the %s encoder", name)
             return name
     raise RecordError(f"PyAV {av.__version__} has none of the video encoders {', '.join(VIDEO_CODECS)}: "
                       "reinstall it from the PyPI wheels (pip install --force-reinstall av)")
+
+
+def encodes(codec: str, size: int = 256) -> bool:
+    """Does `codec` encode a frame here, with the options recordings use? A name in the PyAV build is
+    not enough: NVENC is built in everywhere and needs an NVIDIA driver and GPU to open."""
+    if codec not in av.codecs_available:
+        return False
+    try:
+        context = av.CodecContext.create(codec, "w")
+        context.width, context.height, context.pix_fmt = size, size, "yuv420p"
+        context.time_base = TIME_BASE
+        context.options = dict(CODEC_OPTIONS.get(codec, {}))
+        frame = av.VideoFrame(size, size, "yuv420p")
+        frame.pts, frame.time_base = 0, TIME_BASE
+        context.encode(frame)
+        context.encode(None)  # flush: an encoder that fails late fails here
+        return True
+    except Exception as e:  # not built as an encoder, no driver, no GPU, an option it does not take
+        log.debug("encoder %s cannot record here: %s", codec, e)
+        return False
 
 
 def rgb8(pixels: np.ndarray, *, bgr: bool, bottom_left: bool) -> np.ndarray:
@@ -331,8 +355,7 @@ class _Take:
 
     def _open(self, width: int, height: int) -> None:
         self._container = av.open(str(self.path), "w", format="mp4")
-        options = X264_OPTIONS if self.codec in ("libx264", "h264") else {}
-        stream = self._container.add_stream(self.codec, options=dict(options))
+        stream = self._container.add_stream(self.codec, options=dict(CODEC_OPTIONS.get(self.codec, {})))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = stream.codec_context.time_base = TIME_BASE
         if self.codec == "mpeg4":
@@ -423,7 +446,7 @@ class Recorder:
             if self._take is not None:
                 raise RecordError(f"already recording to {self._take.path.name}: /record/stop first")
             path = self._reserve(self._names(name, VIDEO_SUFFIX, "recording"), "recording")
-            on_show = self._latest_frame()  # the size the take's buffers are made for, here and not by the render thread
+            on_show = self._latest_frame()  # the size its buffers are made for, here and not by the render thread
             take = _Take(path, self._clock(), self._queue_frames, codec, self._before_encode, self._ended_itself,
                          like=on_show.pixels if on_show is not None else None)
             with self._lock:

@@ -354,3 +354,12 @@ def test_outputs_of_any_format_are_recorded_and_snapshot_upright_in_rgb(recorder
     with Image.open(recorder.snapshot()) as image:
         png = np.asarray(image)
     assert png[0, 0].tolist() == top and png[-1, -1].tolist() == bottom
+
+
+def test_the_encoder_is_the_first_that_encodes_a_frame_here():
+    from bridge.recorder import VIDEO_CODECS, encodes, video_codec
+    assert encodes("libx264")  # in the PyAV wheels
+    assert not encodes("no_such_encoder")
+    chosen = video_codec()
+    assert chosen in VIDEO_CODECS and encodes(chosen)
+    assert not any(encodes(name) for name in VIDEO_CODECS[:VIDEO_CODECS.index(chosen)])  # e.g. NVENC with no GPU

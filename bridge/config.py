@@ -165,16 +165,9 @@ class Settings:
     def __post_init__(self) -> None:
         # lists from TOML or the command line become tuples (the settings are a frozen snapshot); ~ expands
         object.__setattr__(self, "models_dir", tuple(os.path.expanduser(str(d)) for d in self.models_dir))
-        if self.styles_file:
-            object.__setattr__(self, "styles_file", os.path.expanduser(self.styles_file))
-        if self.engine_dir:
-            object.__setattr__(self, "engine_dir", os.path.expanduser(self.engine_dir))
-        if self.presets_dir:
-            object.__setattr__(self, "presets_dir", os.path.expanduser(self.presets_dir))
-        if self.schedules_dir:
-            object.__setattr__(self, "schedules_dir", os.path.expanduser(self.schedules_dir))
-        if self.recordings_dir:
-            object.__setattr__(self, "recordings_dir", os.path.expanduser(self.recordings_dir))
+        for name in ("styles_file", "engine_dir", "presets_dir", "schedules_dir", "recordings_dir"):
+            if getattr(self, name):  # empty: the default, left empty
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
         object.__setattr__(self, "engine_resolutions", tuple(str(r) for r in self.engine_resolutions))
         object.__setattr__(self, "controlnets", tuple(self.controlnets))
         object.__setattr__(self, "controlnet_preprocess", tuple(self.controlnet_preprocess))

@@ -28,6 +28,7 @@ from .config import ConfigError, Settings, user_folder
 from .controls import ControlInputs, ControlPolicy
 from .loop import RenderLoop, output_format, stream_settings
 from .presets import PresetError, Presets, default_folder
+from . import recorder, schedule
 from .recorder import Recorder
 from .schedule import Schedules, ShowClock
 from .show import Show
@@ -75,9 +76,9 @@ class Daemon:
                    **self._start_preset(), **(initial or {})}
         self._check_names(params.validate(initial))
         self.store = StateStore(initial, check=self._check_output_fits)
-        self.schedules = Schedules(settings.schedules_dir or user_folder() / "schedules")  # read when asked
+        self.schedules = Schedules(settings.schedules_dir or schedule.default_folder())  # read when asked
         self.show = Show(self.store, self.apply, self.report_error, ShowClock())
-        self.recorder = Recorder(settings.recordings_dir or user_folder() / "recordings",
+        self.recorder = Recorder(settings.recordings_dir or recorder.default_folder(),
                                  latest_frame=lambda: self.ring_out.read_latest() if self.ring_out else None,
                                  report_error=self.report_error)
         self.commands = Commands(self._command_handlers())

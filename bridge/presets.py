@@ -33,6 +33,11 @@ def default_folder() -> Path:
     return config.user_folder() / "presets"
 
 
+# what is_file_name accepts, as refusals say it
+FILE_NAME_RULE = ("1 to 64 letters, digits, spaces, _ - or . (not first or last), not a device name such as CON "
+                  "or NUL")
+
+
 def is_file_name(name: Any) -> bool:
     """Is `name` a plain file name for a folder of presets, schedules or recordings: 1 to 64 letters,
     digits, spaces, _ - or . (not first or last), no separators, not a Windows device? A name from the
@@ -43,7 +48,7 @@ def is_file_name(name: Any) -> bool:
 
 def check_name(name: Any) -> str:
     if not is_file_name(name):
-        raise PresetError(f"preset name {name!r}: 1 to 64 letters, digits, spaces, _ - or . (not first or last), not a device name such as CON or NUL")
+        raise PresetError(f"preset name {name!r}: {FILE_NAME_RULE}")
     return name
 
 

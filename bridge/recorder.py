@@ -42,7 +42,7 @@ from engines.stream import IMG2IMG, StreamSettings
 
 from . import config, shm
 from .loop import Output
-from .presets import is_file_name
+from .presets import FILE_NAME_RULE, is_file_name
 
 log = logging.getLogger(__name__)
 
@@ -562,8 +562,7 @@ class Recorder:
             candidates = [stem + suffix] + [f"{stem}-{n}{suffix}" for n in range(2, 100)]
         else:
             if not is_file_name(name):
-                raise RecordError(f"{what} name {name!r}: 1 to 64 letters, digits, spaces, _ - or . "
-                                  "(not first or last), not a device name such as CON or NUL; no folders")
+                raise RecordError(f"{what} name {name!r}: {FILE_NAME_RULE}; no folders")
             candidates = [name if Path(name).suffix.lower() == suffix else name + suffix]
         return candidates
 

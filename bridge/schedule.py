@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from . import params
+from .config import user_folder
 from .expressions import (ExpressionError, Expression, Keyframe, Keyframes, looks_like_keyframes, parse_keyframes,
                           parse_position, round_half_away)
-from .presets import NAME, is_file_name
+from .presets import FILE_NAME_RULE, is_file_name
 
 try:
     import tomllib
@@ -531,9 +532,14 @@ def check_name(name: Any) -> str:
     """`name` if it is a plain schedule name (as preset names: no separators, no leading dot), else
     ScheduleError: a name from the network never reaches outside the folder."""
     if not is_file_name(name):
-        raise ScheduleError(f"schedule name {str(name)[:80]!r}: 1 to 64 letters, digits, spaces, _ - or . "
-                            "(not first or last), not a device name such as CON or NUL")
+        raise ScheduleError(f"schedule name {str(name)[:80]!r}: {FILE_NAME_RULE}")
     return name
+
+
+def default_folder() -> Path:
+    """The user's schedules folder: %APPDATA%\\sdbridge\\schedules on Windows, ~/.config/sdbridge/schedules
+    elsewhere (the daemon uses it when schedules_dir is empty)."""
+    return user_folder() / "schedules"
 
 
 class Schedules:
@@ -548,7 +554,7 @@ class Schedules:
             files = [p for p in self.folder.iterdir() if p.suffix in SUFFIXES and p.is_file()]
         except OSError:  # no folder yet: no schedules
             return []
-        return sorted({p.stem for p in files if NAME.fullmatch(p.stem) and not p.stem.endswith(".")}, key=str.lower)
+        return sorted({p.stem for p in files if is_file_name(p.stem)}, key=str.lower)
 
     def path(self, name: str) -> Path:
         """The file of schedule `name`: NAME.toml, else NAME.json, inside the folder; ScheduleError if none."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +198,11 @@ class DaemonProcess:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
+
+    def state(self) -> dict:
+        """GET /api/state: {"state_version", "params"}."""
+        with urllib.request.urlopen(self.url + "/api/state", timeout=10) as response:
+            return json.load(response)
 
     def send(self, address: str, *args) -> None:
         self.osc.send_message(address, list(args) if len(args) != 1 else args[0])

@@ -29,14 +29,12 @@ Each fault, how it is injected here, and what the daemon does:
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -76,15 +74,10 @@ def show(models_dir):
     d.stop()
 
 
-def _state(d) -> dict:
-    with urllib.request.urlopen(d.url + "/api/state", timeout=10) as response:
-        return json.load(response)
-
-
 def _state_where(d, predicate) -> dict:
     """The daemon's state once `predicate(params, state_version)` holds for it."""
     def matching() -> dict | None:
-        state = _state(d)
+        state = d.state()
         return state if predicate(state["params"], state["state_version"]) else None
     return wait(matching)
 
@@ -103,7 +96,7 @@ def _good_state(d, **values) -> tuple[dict, shm.Frame]:
 
 def _still_there(d, state: dict, good: shm.Frame) -> shm.Frame:
     """Assert that the state set before the fault holds and that a new input frame renders as it did."""
-    now = _state(d)
+    now = d.state()
     assert {n: now["params"][n] for n in ("seed", "prompt", "width", "height")} == \
         {n: state["params"][n] for n in ("seed", "prompt", "width", "height")}
     fid = d.write(FRAME)

@@ -33,7 +33,6 @@ import struct
 import tempfile
 import time
 import tracemalloc
-import urllib.request
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -440,15 +439,6 @@ FRAME = gradient()
 _SENTINEL_SEEDS = iter(range(1_234_567, 1_234_667))
 
 
-def _get_json(d, path: str) -> Any:
-    with urllib.request.urlopen(d.url + path, timeout=10) as r:
-        return json.load(r)
-
-
-def _state(d) -> dict[str, Any]:
-    return _get_json(d, "/api/state")
-
-
 def _assert_served_state_valid(state: dict[str, Any]) -> None:
     """/api/state as JSON: each value one its parameter accepts, written back the same."""
     values = {name: params.lookup(name).coerce(value) for name, value in state["params"].items()}
@@ -507,7 +497,7 @@ def _assert_still_rendering(d) -> None:
     _restore(d)
     fid = d.write(FRAME)
     d.output_after(lambda o: fid <= o.frame_id <= d.frame_id, FRAME, timeout=30)
-    _assert_served_state_valid(_state(d))
+    _assert_served_state_valid(d.state())
     assert d.proc.poll() is None
     assert "Traceback" not in d.log(), d.log()[-3000:]
 
@@ -520,7 +510,7 @@ def _send_osc(d, datagrams: list[bytes], sentinel: int) -> int:
             if i % 25 == 24:
                 time.sleep(0.005)  # a localhost socket buffer drops what floods it
         sock.sendto(osc_codec.message("/seed", sentinel), ("127.0.0.1", d.osc_port))
-    return wait(lambda: (s := _state(d))["params"]["seed"] == sentinel and s["state_version"], timeout=20)
+    return wait(lambda: (s := d.state())["params"]["seed"] == sentinel and s["state_version"], timeout=20)
 
 
 def test_a_daemon_fed_hostile_osc_keeps_its_state_valid_and_keeps_rendering(daemon):
@@ -535,7 +525,7 @@ def test_a_daemon_fed_hostile_osc_keeps_its_state_valid_and_keeps_rendering(daem
     assert len(refused) > 100 and len(others) > 20
     d.output_after(lambda o: True, FRAME, timeout=60)
     since = time.monotonic()
-    version = _state(d)["state_version"]
+    version = d.state()["state_version"]
 
     after_refused = _send_osc(d, refused, next(_SENTINEL_SEEDS))
     assert after_refused == version + 1, "only the sentinel may change the state"
@@ -544,13 +534,13 @@ def test_a_daemon_fed_hostile_osc_keeps_its_state_valid_and_keeps_rendering(daem
 
     after_others = _send_osc(d, others, next(_SENTINEL_SEEDS))
     assert after_refused < after_others <= after_refused + len(others) + 1
-    _assert_served_state_valid(_state(d))
+    _assert_served_state_valid(d.state())
 
     # Morphs and schedules go on changing the state after their message, until a performer's set (the
     # restore below) takes the parameters back.
     assert len(driving) > 5
     _send_osc(d, driving + [osc_codec.message("/schedule/stop")], next(_SENTINEL_SEEDS))
-    _assert_served_state_valid(_state(d))
+    _assert_served_state_valid(d.state())
     _assert_still_rendering(d)
 
 
@@ -567,11 +557,11 @@ def test_a_daemon_fed_hostile_websocket_messages_answers_each_and_keeps_renderin
     answers = {"ack": 0, "error": 0, "state": 0, "subscribed": 0}
     with connect(f"ws://127.0.0.1:{d.http_port}/ws", max_size=None, open_timeout=10) as c:
         for data in texts:
-            version = _state(d)["state_version"]
+            version = d.state()["state_version"]
             c.send(data.decode("utf-8", "replace"))
             reply = _reply(c)
             answers[reply["type"]] += 1
-            now = _state(d)["state_version"]
+            now = d.state()["state_version"]
             if reply["type"] == "ack":
                 assert now == reply["state_version"] >= version, data
             else:

@@ -99,20 +99,15 @@ def d(folder):
     daemon.stop()
 
 
-def _state_of(d) -> dict:
-    with urllib.request.urlopen(d.url + "/api/state", timeout=10) as r:
-        return json.load(r)
-
-
 def _wait_state(d, predicate, timeout=10.0) -> dict:
     end = time.monotonic() + timeout
-    while not predicate(state := _state_of(d)["params"]) and time.monotonic() < end:
+    while not predicate(state := d.state()["params"]) and time.monotonic() < end:
         time.sleep(0.05)
     return state
 
 
 def test_the_preset_named_at_start_is_recalled_under_the_command_lines_values(d):
-    state = _state_of(d)["params"]
+    state = d.state()["params"]
     assert (state["prompt"], state["strength"], state["seed"]) == ("the opening look", 0.35, 77)
 
 
@@ -127,11 +122,11 @@ def test_a_preset_saved_over_osc_is_recalled_over_osc(d, folder):
     d.send("/strength", 0.25)
     d.send("/prompt", "something else")
     _wait_state(d, lambda p: p["prompt"] == "something else")
-    version = _state_of(d)["state_version"]
+    version = d.state()["state_version"]
     d.send("/preset/recall", "osc look")
     state = _wait_state(d, lambda p: p["prompt"] == "saved look")
     assert (state["prompt"], state["strength"]) == ("saved look", 0.8125)
-    assert _state_of(d)["state_version"] == version + 1  # one change set
+    assert d.state()["state_version"] == version + 1  # one change set
 
 
 def test_presets_over_websocket_answer_with_the_list_and_errors(d):
@@ -145,7 +140,7 @@ def test_presets_over_websocket_answer_with_the_list_and_errors(d):
         c.recv(timeout=10)
         c.send(json.dumps({"type": "preset", "id": 2, "recall": "ws look"}))
         ack = json.loads(c.recv(timeout=10))
-        assert ack["type"] == "ack" and _state_of(d)["params"]["guidance_scale"] == 3.5
+        assert ack["type"] == "ack" and d.state()["params"]["guidance_scale"] == 3.5
         for message, code in (({"recall": "nope"}, "invalid_preset"), ({"save": "../x"}, "invalid_preset"),
                               ({"save": "a", "recall": "b"}, "invalid_message"), ({}, "invalid_message")):
             c.send(json.dumps({"type": "preset", "id": 3, **message}))
@@ -156,12 +151,12 @@ def test_presets_over_websocket_answer_with_the_list_and_errors(d):
 
 
 def test_a_preset_that_cannot_be_recalled_is_reported_and_changes_nothing(d):
-    version = _state_of(d)["state_version"]
+    version = d.state()["state_version"]
     since = time.monotonic()
     d.send("/preset/recall", "no such look")
     error = d.telemetry.wait_for("/sdbridge/error", since)
     assert error and "no such look" in error[0] and "not found" in error[0]
-    assert _state_of(d)["state_version"] == version
+    assert d.state()["state_version"] == version
 
 
 def test_a_missing_start_preset_stops_serve_with_the_reason(tmp_path, folder):

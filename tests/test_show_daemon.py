@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import av
@@ -25,11 +24,6 @@ def d():
     yield daemon.wait_started()
     daemon.stop()
     shutil.rmtree(daemon.folder, ignore_errors=True)
-
-
-def _state(d) -> dict:
-    with urllib.request.urlopen(d.url + "/api/state", timeout=10) as r:
-        return json.load(r)["params"]
 
 
 def _command(d, command: str, *args) -> dict:
@@ -61,7 +55,7 @@ def test_an_osc_morph_eases_to_the_preset_through_blends_and_ends_exactly_on_it(
     end = time.monotonic() + 15
     while time.monotonic() < end:
         d.write(FRAME)  # the stream keeps rendering meanwhile
-        state = _state(d)
+        state = d.state()["params"]
         seen.append(state)
         if state["strength"] == 0.2 and not state["prompts"]:
             break
@@ -82,14 +76,14 @@ def test_a_fader_moved_during_a_morph_stays_where_the_performer_put_it(d):
     wait(lambda: (d.folder / "presets" / "strong.toml").exists(), timeout=10)
     _set(d, strength=0.1, guidance_scale=4.0)
     d.send("/preset/morph", ["strong", 1.5])
-    wait(lambda: 0.1 < _state(d)["strength"] < 0.9, timeout=10)
+    wait(lambda: 0.1 < d.state()["params"]["strength"] < 0.9, timeout=10)
     d.send("/strength", 0.33)
-    wait(lambda: _state(d)["guidance_scale"] == 1.0, timeout=10)  # the morph ran to its end
-    assert _state(d)["strength"] == pytest.approx(0.33)  # OSC sends float32
+    wait(lambda: d.state()["params"]["guidance_scale"] == 1.0, timeout=10)  # the morph ran to its end
+    assert d.state()["params"]["strength"] == pytest.approx(0.33)  # OSC sends float32
 
 
 def test_bad_commands_are_refused_with_a_reason_and_change_nothing(d):
-    version = json.load(urllib.request.urlopen(d.url + "/api/state", timeout=10))["state_version"]
+    version = d.state()["state_version"]
     reply = _command(d, "/preset/morph", "no such look", 1.0)
     assert reply["type"] == "error" and reply["error"]["code"] == "invalid_command"
     assert "no such look" in reply["error"]["message"]
@@ -99,7 +93,7 @@ def test_bad_commands_are_refused_with_a_reason_and_change_nothing(d):
     since = time.monotonic()
     d.send("/record/start", 5)  # a number where a name goes
     assert d.telemetry.wait_for("/sdbridge/error", since, predicate=lambda a: "/record/start" in a[0])
-    assert json.load(urllib.request.urlopen(d.url + "/api/state", timeout=10))["state_version"] == version
+    assert d.state()["state_version"] == version
 
 
 def test_a_schedule_sent_as_text_follows_the_frame_number_the_client_sends(d):
@@ -108,14 +102,14 @@ def test_a_schedule_sent_as_text_follows_the_frame_number_the_client_sends(d):
     d.send("/frame", 0)
     reply = _command(d, "/schedule/set", json.dumps(schedule))
     assert reply["type"] == "ack", reply
-    wait(lambda: _state(d)["prompt"] == "a forest", timeout=10)
+    wait(lambda: d.state()["params"]["prompt"] == "a forest", timeout=10)
     d.send("/frame", 600)  # TouchDesigner's timeline jumped ahead
-    wait(lambda: _state(d)["prompt"] == "a city at night", timeout=10)
-    assert 0.25 <= _state(d)["strength"] <= 0.75
+    wait(lambda: d.state()["params"]["prompt"] == "a city at night", timeout=10)
+    assert 0.25 <= d.state()["params"]["strength"] <= 0.75
     assert _command(d, "/schedule/stop")["result"] == {"stopped": "(sent)"}
     _set(d, prompt="by hand")
     time.sleep(0.3)
-    assert _state(d)["prompt"] == "by hand"  # the schedule no longer drives it
+    assert d.state()["params"]["prompt"] == "by hand"  # the schedule no longer drives it
 
 
 def test_a_schedule_file_starts_by_name_and_a_missing_one_is_refused(d):
@@ -124,9 +118,9 @@ def test_a_schedule_file_starts_by_name_and_a_missing_one_is_refused(d):
     (folder / "pulse.toml").write_text('unit = "beat"\n[params]\nguidance_scale = "2 + sin(beat)"\n')
     assert _command(d, "/schedule/start", "pulse")["type"] == "ack"
     d.send("/bpm", 240.0)
-    first = _state(d)["guidance_scale"]
-    wait(lambda: _state(d)["guidance_scale"] != first, timeout=10)  # it moves with the beat
-    assert 1.0 <= _state(d)["guidance_scale"] <= 3.0
+    first = d.state()["params"]["guidance_scale"]
+    wait(lambda: d.state()["params"]["guidance_scale"] != first, timeout=10)  # it moves with the beat
+    assert 1.0 <= d.state()["params"]["guidance_scale"] <= 3.0
     assert _command(d, "/schedule/stop")["result"] == {"stopped": "pulse"}
     assert _command(d, "/schedule/start", "nope")["error"]["code"] == "invalid_command"
     assert _command(d, "/schedule/start", "../pulse")["error"]["code"] == "invalid_command"
@@ -160,6 +154,6 @@ def test_a_snapshot_is_a_png_that_holds_the_frames_parameters(d):
     text = image.text["parameters"]
     assert text.startswith("a lighthouse in fog\n") and "Seed: 4242" in text and "Size: 128x128" in text
     data = json.loads(image.text["sdbridge"])
-    assert data["settings"]["strength"] == 0.6 and (data["model"], data["vae"]) == ("tiny", _state(d)["vae"])
+    assert data["settings"]["strength"] == 0.6 and (data["model"], data["vae"]) == ("tiny", d.state()["params"]["vae"])
     out = d.ring_out.read_latest()
     assert np.array_equal(np.asarray(image.convert("RGBA")), out.pixels)  # the frame on screen

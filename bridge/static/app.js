@@ -27,6 +27,7 @@
   const RECONNECT_MIN_MS = 250;
   const RECONNECT_MAX_MS = 5000;
   const RANDOMISABLE_MAX = 1e6;       // int parameters whose range reaches this are seeds: box + 🎲, no slider
+  const RECORD_TITLE = "Record the output to a video file in the daemon's recordings folder";
   const SLIDER_STEPS = 500;           // a float slider has about this many steps (rounded to a power of 10)
   const ERRORS_KEPT = 6;
   const SUBSCRIPTION = {topics: ["state", "telemetry", "frames"], frames: {encoding: "jpeg", max_fps: 15}};
@@ -344,7 +345,7 @@
       this.seconds = h("input", {type: "number", id: "morph-seconds", min: 0, max: 600, step: 0.5, value: 0,
         "aria-label": "Morph seconds"});
       this.record = h("button", {type: "button", id: "record", text: "Record",
-        title: "Record the output to a video file in the daemon's recordings folder"});
+        title: RECORD_TITLE});
       this.record.addEventListener("click", () => this.send({type: "command",
         command: this.recording ? "/record/stop" : "/record/start", args: []}));
       const snapshot = h("button", {type: "button", id: "snapshot", text: "Snapshot",
@@ -374,7 +375,7 @@
       this.recording = Boolean(path);
       this.record.textContent = this.recording ? "Stop recording" : "Record";
       this.record.classList.toggle("recording", this.recording);
-      this.record.title = this.recording ? `Recording to ${path}` : "Record the output to a video file in the daemon's recordings folder";
+      this.record.title = this.recording ? `Recording to ${path}` : RECORD_TITLE;
     }
 
     recall(name) {
